@@ -1,0 +1,16 @@
+"""The readable reference: materialise the (Tq, Tk) scores, mask, softmax, weight the values."""
+
+import torch
+import torch.nn.functional as F
+
+from attnlm.attention.masks import causal_mask
+
+
+def attend(q, k, v, *, causal, scale, dropout_p=0.0):
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v

@@ -1,0 +1,79 @@
+"""Checkpoints: written atomically, loaded without executing anything, with a format version.
+
+A checkpoint holds the resolved config and tokenizer state beside the weights, so it alone
+rebuilds the model.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from attnlm import config as config_mod
+from attnlm import tokenizer as tokenizer_mod
+from attnlm.errors import AttnlmError, InputError
+
+FORMAT_VERSION = 1
+FILENAME = "checkpoint.pt"
+
+
+def save(payload, path):
+    """Write to a temporary file in the same folder, flush it to disk, then rename it over the
+    old one: a crash at any moment leaves either the old or the new checkpoint, whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_path(run):
+    """The checkpoint of a run directory, or a checkpoint file itself."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / FILENAME
+        if not path.exists():
+            raise InputError(f"{run} holds no {FILENAME} (is it a run directory?)")
+    elif not path.exists():
+        raise InputError(f"{run}: no such run directory or checkpoint")
+    return path
+
+
+def load(path):
+    """A checkpoint's contents, with tensors on the CPU. weights_only: nothing in it can run code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AttnlmError(f"{path} is not a readable attnlm checkpoint ({reason[:200]})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise AttnlmError(f"{path} is not an attnlm checkpoint")
+    if ckpt["format"] != FORMAT_VERSION:
+        raise AttnlmError(f"{path} has checkpoint format {ckpt['format']!r}; this attnlm reads "
+                          f"format {FORMAT_VERSION}")
+    return ckpt
+
+
+def load_model(run, device="cpu"):
+    """(model in eval mode, tokenizer, config, checkpoint) from a run directory or checkpoint."""
+    from attnlm.model import GPT
+
+    ckpt = load(checkpoint_path(run))
+    cfg = config_mod.from_dict(ckpt["config"])
+    tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"])
+    model = GPT(cfg.model, tokenizer.vocab_size)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise AttnlmError(f"{run}: weights do not fit the saved config ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer, cfg, ckpt

@@ -1,0 +1,31 @@
+"""Where and how computation runs: device, CPU threads, mixed precision."""
+
+import contextlib
+import os
+
+import torch
+
+from attnlm.errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def set_threads(threads):
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def autocast(device, dtype_name):
+    """Mixed precision for the forward pass; float32 runs as is."""
+    if dtype_name == "float32":
+        return contextlib.nullcontext()
+    if dtype_name == "float16" and device.type != "cuda":
+        raise InputError("train.dtype='float16' needs a CUDA device; use bfloat16 on the CPU")
+    return torch.autocast(device.type, dtype=DTYPES[dtype_name])
