@@ -69,6 +69,10 @@ class SampleConfig:
     top_k: int = 40  # 0 disables top-k filtering
     num_samples: int = 1
     seed: int = 1
+    top_p: float = 1.0  # nucleus sampling; 1 disables it
+    min_p: float = 0.0  # drop tokens below min_p times the likeliest's probability; 0 disables it
+    repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in the text; 1 disables it
+    stop: str = ""  # end a sample before this text; empty: no stop text
 
 
 @dataclass
@@ -102,10 +106,14 @@ def parse_value(text, typ):
         try:
             return int(text)
         except ValueError:
-            number = float(text)  # accepts 2e3; raises ValueError otherwise
-            if not number.is_integer():
-                raise ValueError("expected an integer") from None
-            return int(number)
+            pass
+        try:
+            number = float(text)  # accepts 2e3
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            raise ValueError("expected an integer")
+        return int(number)
     if typ is float:
         return float(text)
     return text
@@ -171,10 +179,8 @@ def build_config(yaml_doc=None, overrides=(), base=None):
             problems.append(f"--set {item!r} must look like section.key=value")
         else:
             _set(tree, key.strip(), value.strip(), problems, from_text=True)
-    if problems:
-        raise ConfigError(problems)
     cfg = RunConfig(**{s: SECTIONS[s](**tree[s]) for s in SECTIONS})
-    problems = validate(cfg)
+    problems += validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -231,7 +237,7 @@ def validate(cfg):
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
     _check(p, 0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _check(p, t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be a positive number")
-    _check(p, 0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"must be in [0, train.lr={t.lr}]")
+    _check(p, 0 <= t.min_lr and (t.lr <= 0 or t.min_lr <= t.lr), "train.min_lr", t.min_lr, f"must be in [0, train.lr={t.lr}]")
     for key, value in [("train.beta1", t.beta1), ("train.beta2", t.beta2)]:
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
     choices = [("model.pos", m.pos, SCHEMES), ("model.attention", m.attention, BACKENDS),
@@ -243,4 +249,8 @@ def validate(cfg):
     if m.attention in BACKENDS and m.attn_dropout > 0 and not BACKENDS[m.attention].dropout:
         p.append(f"model.attention={m.attention!r} does not support attention dropout "
                  f"(model.attn_dropout={m.attn_dropout}); use naive or sdpa")
+    _check(p, 0 < s.top_p <= 1, "sample.top_p", s.top_p, "must be in (0, 1]")
+    _check(p, 0 <= s.min_p <= 1, "sample.min_p", s.min_p, "must be in [0, 1]")
+    _check(p, s.repetition_penalty > 0, "sample.repetition_penalty", s.repetition_penalty,
+           "must be positive")
     return p
