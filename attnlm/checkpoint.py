@@ -37,6 +37,21 @@ def save(payload, path):
         os.close(dir_fd)
 
 
+def save_rotating(payload, run_dir, step, keep_last=0):
+    """Save the run's checkpoint.pt; with keep_last > 0 also keep the last N as
+    checkpoints/step-NNNNNNN.pt (hard links to the same bytes: no extra disk)."""
+    run_dir = Path(run_dir)
+    save(payload, run_dir / FILENAME)
+    if keep_last:
+        folder = run_dir / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        kept = folder / f"step-{step:07d}.pt"
+        kept.unlink(missing_ok=True)
+        os.link(run_dir / FILENAME, kept)
+        for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
+            old.unlink()
+
+
 def checkpoint_path(run):
     """The checkpoint of a run directory, or a checkpoint file itself."""
     path = Path(run)
@@ -71,6 +86,10 @@ def load_model(run, device="cpu"):
     ckpt = load(checkpoint_path(run))
     cfg = config_mod.from_dict(ckpt["config"])
     tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"])
+    rows = ckpt["model"]["tok_emb.weight"].size(0)
+    if rows != tokenizer.vocab_size:
+        raise InputError(f"{run}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                         f"was trained on {rows}; they do not belong together")
     model = GPT(cfg.model, tokenizer.vocab_size)
     try:
         model.load_state_dict(ckpt["model"])

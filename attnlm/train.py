@@ -63,6 +63,8 @@ def deferred_interrupts():
     flag = {"signal": None}
 
     def handler(signum, frame):
+        if flag["signal"] is not None:  # asked twice: stop now; the last checkpoint stands
+            raise KeyboardInterrupt
         flag["signal"] = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -139,12 +141,12 @@ def _train(cfg, out, resume, quiet, interrupt):
     metrics = MetricsLog(out / "metrics.jsonl", keep_until=step)
 
     def save():
-        checkpoint.save({
+        checkpoint.save_rotating({
             "config": config_mod.to_dict(cfg), "tokenizer": tokenizer.state(),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(), "rng": {"torch": torch.get_rng_state()},
             "step": step, "best_val_loss": best_val,
-        }, out / checkpoint.FILENAME)
+        }, out, step, t.keep_last)
 
     def evaluate():
         return split_loss(model, splits["val"], m.block_size, t.batch_size, device, t.dtype,
@@ -157,6 +159,10 @@ def _train(cfg, out, resume, quiet, interrupt):
     train_time, start_step, loss_value, val_loss = 0.0, step, float("nan"), None
     model.train()
     while step < t.max_iters:
+        if interrupt["signal"] is not None:
+            save()
+            bar.close()
+            raise Interrupted(f"interrupted at step {step}; checkpoint saved, continue with --resume")
         tick = time.perf_counter()
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
@@ -195,10 +201,6 @@ def _train(cfg, out, resume, quiet, interrupt):
             metrics.write(step=step, val_loss=val_loss)
             say(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
             save()
-        if interrupt["signal"] is not None:
-            save()
-            bar.close()
-            raise Interrupted(f"interrupted at step {step}; checkpoint saved, continue with --resume")
     bar.close()
     summary = {
         "steps": step, "train_loss": loss_value, "val_loss": val_loss, "best_val_loss": best_val,
