@@ -4,6 +4,7 @@ A checkpoint holds the resolved config and tokenizer state beside the weights, s
 rebuilds the model.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from attnlm import config as config_mod
 from attnlm import tokenizer as tokenizer_mod
+from attnlm.attention import BACKENDS, check_backend
 from attnlm.errors import AttnlmError, InputError
 
 FORMAT_VERSION = 1
@@ -90,6 +92,10 @@ def load_model(run, device="cpu"):
     if rows != tokenizer.vocab_size:
         raise InputError(f"{run}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"was trained on {rows}; they do not belong together")
+    if BACKENDS[cfg.model.attention].cuda_only and torch.device(device).type != "cuda":
+        # Same algorithm, same numbers: a model trained with a CUDA kernel still runs on the CPU.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="tiled"))
+    check_backend(cfg.model.attention, torch.device(device))
     model = GPT(cfg.model, tokenizer.vocab_size)
     try:
         model.load_state_dict(ckpt["model"])

@@ -87,3 +87,10 @@ def test_unknown_character_in_prompt_exits_2(trained):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "attnlm", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
+
+
+def test_triton_without_cuda_is_a_config_error_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    result = run("train", "--set", "model.attention=triton", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "needs" in result.stderr, result.output
+    assert not (tmp_path / "r" / "config.yaml").exists()

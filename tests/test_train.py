@@ -131,3 +131,15 @@ def test_loading_never_executes_code(tmp_path):
     with pytest.raises(AttnlmError):
         checkpoint.load(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    source = text_file(tmp_path)
+    whole_val = "train.eval_iters=0"  # the same val windows whatever the batch size
+    train(tiny_config(source, "train.batch_size=8", whole_val), tmp_path / "big", quiet=True)
+    train(tiny_config(source, "train.batch_size=4", "train.grad_accum=2", whole_val),
+          tmp_path / "accum", quiet=True)
+    (big, big_val), (accum, accum_val) = losses(tmp_path / "big"), losses(tmp_path / "accum")
+    assert [s for s, _ in big] == [s for s, _ in accum]
+    assert [l for _, l in big] == pytest.approx([l for _, l in accum], rel=1e-4)
+    assert big_val == pytest.approx(accum_val, rel=1e-4)

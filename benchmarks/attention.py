@@ -1,0 +1,183 @@
+"""Attention backends: time and extra memory across sequence lengths, as JSON lines.
+
+Shape: B=1, H=8, head dim 64, float32, causal; forward alone (under no_grad, as in evaluation and
+generation) and forward+backward (the gradients of q, k and v from a random output gradient).
+Backends: naive, sdpa and tiled; triton too on CUDA.
+
+Time: the best of --reps runs after one warm-up, the backends interleaved rep by rep so that
+drift on a shared machine hits them alike; each line gives the time as a ratio to sdpa's and to
+naive's, measured in the same process.
+
+Memory: the extra peak memory of one run, each (backend, length, mode) in a fresh child process,
+so that no allocator cache or earlier peak from another backend hides or inflates it. On the CPU
+the child makes its inputs, runs the backend once at a tiny size (lazy initialisation is not the
+backend's cost), resets the kernel's high-water mark of its resident memory (writes 5 to
+/proc/self/clear_refs; Linux only), runs once, and reports the high-water mark (VmHWM) minus the
+resident memory just before (VmRSS). That counts everything the run made resident (outputs,
+saved activations, gradients, temporaries, the BLAS's workspace), allocated by torch or not; it
+can only miss memory the warm-up left freed but resident and the run reused (under 1 MB here).
+On CUDA: torch.cuda.max_memory_allocated during the run minus what was allocated before it.
+
+A last line checks tiled against the goals of the issue that introduced it.
+Usage, alone on a shared machine:
+    flock /tmp/bench.lock python benchmarks/attention.py [--lengths 256,1024] [--threads 1]
+"""
+
+import argparse
+import functools
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit  # noqa: E402
+
+import torch  # noqa: E402
+
+from attnlm.attention import get_backend, tiled  # noqa: E402
+
+B, H, D = 1, 8, 64
+MODES = ("forward", "forward+backward")
+
+
+def make_inputs(t, device, grad):
+    q, k, v = (torch.randn(B, H, t, D, device=device, requires_grad=grad) for _ in range(3))
+    return q, k, v, torch.randn(B, H, t, D, device=device)
+
+
+def backend(name):
+    """A registered backend, or tiled with given blocks: "tiled@QxK" (e.g. tiled@128x256)."""
+    if name.startswith("tiled@"):
+        block_q, block_k = (int(b) for b in name.removeprefix("tiled@").split("x"))
+        return functools.partial(tiled.attend, block_q=block_q, block_k=block_k)
+    return get_backend(name)
+
+
+def step(name, inputs, mode):
+    """One run of backend `name`: a function of no arguments."""
+    attend = backend(name)
+    q, k, v, grad_out = inputs
+
+    def forward():
+        with torch.no_grad():
+            attend(q, k, v, causal=True, scale=D**-0.5)
+
+    def forward_backward():
+        out = attend(q, k, v, causal=True, scale=D**-0.5)
+        torch.autograd.grad(out, (q, k, v), grad_out)
+
+    return forward if mode == "forward" else forward_backward
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_times(names, t, mode, device, reps):
+    """Best seconds of `reps` runs for each backend, interleaved."""
+    inputs = make_inputs(t, device, grad=mode != "forward")
+    runs = {name: step(name, inputs, mode) for name in names}
+    best = {name: float("inf") for name in names}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for name, run in runs.items():
+            sync(device)
+            tick = time.perf_counter()
+            run()
+            sync(device)
+            if rep:
+                best[name] = min(best[name], time.perf_counter() - tick)
+    return best
+
+
+def _proc_kb(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def child_memory(name, t, mode, device):
+    """Bytes of extra peak memory of one run (called in a fresh process)."""
+    step(name, make_inputs(64, device, mode != "forward"), mode)()
+    run = step(name, make_inputs(t, device, mode != "forward"), mode)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = _proc_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    run()
+    return (_proc_kb("VmHWM") - before) * 1024
+
+
+def extra_memory(name, t, mode, device, threads):
+    command = [sys.executable, __file__, "--child", f"{name},{t},{mode}", "--device", device,
+               "--threads", str(threads)]
+    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def check_goals(rows, max_t):
+    """Tiled against the issue's goals: time <= 1.25x sdpa forward and 1.5x forward+backward at
+    T >= 2048; extra memory at the longest T <= 2x sdpa's and 50x below naive's."""
+    at = {(r["T"], r["mode"], r["backend"]): r for r in rows}
+    goals = {}
+    for mode, limit in zip(MODES, (1.25, 1.5)):
+        ratios = [r["vs_sdpa"] for (t, m, b), r in at.items() if b == "tiled" and m == mode
+                  and t >= 2048]
+        if ratios:
+            goals[f"{mode}_time_vs_sdpa_max"] = max(ratios)
+            goals[f"{mode}_time_ok"] = max(ratios) <= limit
+        tiled, sdpa, naive = (at.get((max_t, mode, b)) for b in ("tiled", "sdpa", "naive"))
+        if tiled and sdpa and naive:
+            goals[f"{mode}_memory_ok"] = (tiled["extra_mb"] <= 2 * sdpa["extra_mb"]
+                                          and 50 * tiled["extra_mb"] <= naive["extra_mb"])
+    return goals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="256,1024,2048,4096,8192",
+                        help="comma-separated sequence lengths")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated (default: naive,sdpa,tiled, and triton on CUDA); "
+                        "tiled@QxK is tiled with query blocks of Q and key blocks of K")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # name,T,mode: measure memory
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        name, t, mode = args.child.split(",")
+        print(child_memory(name, int(t), mode, args.device))
+        return
+
+    names = ["naive", "sdpa", "tiled"] + (["triton"] if args.device == "cuda" else [])
+    names = args.backends.split(",") if args.backends else names
+    lengths = [int(t) for t in args.lengths.split(",")]
+    rows = []
+    for t in lengths:
+        for mode in MODES:
+            best = best_times(names, t, mode, args.device, args.reps)
+            for name in names:
+                row = {"benchmark": "attention", "T": t, "mode": mode, "backend": name,
+                       "ms": round(best[name] * 1e3, 2),
+                       "extra_mb": round(extra_memory(name, t, mode, args.device,
+                                                      args.threads) / 2**20, 1)}
+                for ref in ("sdpa", "naive"):
+                    if ref in best:
+                        row[f"vs_{ref}"] = round(best[name] / best[ref], 3)
+                rows.append(row)
+                emit(**row, B=B, H=H, D=D, dtype="float32", device=args.device)
+    goals = check_goals(rows, max(lengths))
+    if goals:
+        emit(benchmark="attention", goals=goals)
+
+
+if __name__ == "__main__":
+    main()

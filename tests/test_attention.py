@@ -1,0 +1,170 @@
+"""Attention backends against independent references: naive (scores materialised) and torch's
+SDPA, in outputs and in the gradients of q, k and v."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from attnlm.attention import BACKENDS, check_backend, naive, sdpa, tiled
+from attnlm.config import build_config
+from attnlm.errors import ConfigError, InputError
+
+B, H = 2, 3
+
+
+def qkv(tq, tk, d=32):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, t, d, generator=gen) for t in (tq, tk, tk))
+    grad_out = torch.randn(B, H, tq, d, generator=gen)
+    return q, k, v, grad_out
+
+
+def run(attend, q, k, v, grad_out, **kwargs):
+    """The output and the gradients of q, k and v for a backward pass from grad_out."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v, scale=q.size(-1) ** -0.5, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def assert_agree(got, want, tol=1e-5):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+# (Tq, Tk): training (Tq == Tk) and prefill or cached decoding (Tq < Tk).
+LENGTHS = [(1, 1), (7, 7), (64, 64), (100, 100), (300, 300), (1, 300), (7, 100), (64, 300),
+           (100, 300)]
+BLOCKS = [(16, 16), (32, 64), (7, 13), (None, None)]  # None: the device's default
+
+
+@pytest.mark.parametrize("tq,tk", LENGTHS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_matches_naive(tq, tk, causal):
+    q, k, v, g = qkv(tq, tk)
+    assert_agree(run(sdpa.attend, q, k, v, g, causal=causal),
+                 run(naive.attend, q, k, v, g, causal=causal))
+
+
+@pytest.mark.parametrize("tq,tk", LENGTHS)
+@pytest.mark.parametrize("block_q,block_k,causal", [(*b, True) for b in BLOCKS]
+                         + [(16, 16, False), (None, None, False)])
+def test_tiled_matches_naive_and_sdpa(tq, tk, block_q, block_k, causal):
+    q, k, v, g = qkv(tq, tk)
+    got = run(tiled.attend, q, k, v, g, causal=causal, block_q=block_q, block_k=block_k)
+    assert_agree(got, run(naive.attend, q, k, v, g, causal=causal))
+    assert_agree(got, run(sdpa.attend, q, k, v, g, causal=causal))
+
+
+def test_tiled_rescales_when_the_maximum_grows():
+    # Large, growing scores: later key blocks raise each row's maximum, so the online softmax
+    # must rescale what it has accumulated (an error there shows in every output).
+    q, k, v, g = qkv(96, 96)
+    k = k * torch.linspace(0.5, 4.0, 96).view(1, 1, 96, 1)
+    got = run(tiled.attend, q * 4, k, v, g, causal=True, block_q=32, block_k=16)
+    assert_agree(got, run(naive.attend, q * 4, k, v, g, causal=True), tol=1e-4)
+
+
+def test_tiled_takes_strided_inputs_as_the_model_gives_them():
+    # The model's q, k and v are (B, T, H, D) tensors viewed as (B, H, T, D).
+    q, k, v, g = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(50, 50))
+    assert not q.is_contiguous()
+    assert_agree(run(tiled.attend, q, k, v, g, causal=True, block_q=16, block_k=16),
+                 run(naive.attend, q, k, v, g, causal=True))
+
+
+def test_tiled_bfloat16_returns_bfloat16_close_to_float32():
+    q, k, v, g = qkv(40, 40)
+    low = run(tiled.attend, *(t.bfloat16() for t in (q, k, v, g)), causal=True)
+    assert all(t.dtype == torch.bfloat16 for t in low)
+    reference = run(naive.attend, q, k, v, g, causal=True)
+    for got, want in zip(low, reference):
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+def test_tiled_saves_memory_linear_in_length():
+    """Autograd keeps only q, k, v, the output and the logsumexp: nothing of size Tq x Tk."""
+    t, d = 256, 16
+
+    def saved_elements(attend, **blocks):
+        q, k, v, _ = qkv(t, t, d)
+        q.requires_grad_()
+        sizes = []
+
+        def pack(x):
+            sizes.append(x.numel())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            attend(q, k, v, causal=True, scale=0.25, **blocks)
+        return sum(sizes)
+
+    linear = B * H * t * (4 * d + 1)  # q, k, v, out and one logsumexp per row
+    assert saved_elements(tiled.attend, block_q=32, block_k=32) == linear
+    # The check can fail: naive keeps the (T x T) probabilities.
+    assert saved_elements(naive.attend) > 2 * linear
+
+
+def test_tiled_refuses_dropout():
+    q, k, v, _ = qkv(8, 8)
+    with pytest.raises(ValueError, match="dropout"):
+        tiled.attend(q, k, v, causal=True, scale=1.0, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("name", ["tiled", "triton"])
+def test_config_rejects_attention_dropout_for_backends_without_it(name):
+    with pytest.raises(ConfigError, match="does not support attention dropout"):
+        build_config(overrides=[f"model.attention={name}", "model.attn_dropout=0.1"])
+    assert build_config(overrides=[f"model.attention={name}"]).model.attention == name
+
+
+def test_check_backend_refuses_triton_without_cuda(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # "installed"
+    with pytest.raises(InputError, match="needs a CUDA device"):
+        check_backend("triton", torch.device("cpu"))
+    check_backend("triton", torch.device("cuda"))
+    for name in ("naive", "sdpa", "tiled"):
+        check_backend(name, torch.device("cpu"))
+
+
+def test_check_backend_refuses_triton_when_not_installed(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match="pip install 'attnlm\\[triton\\]'"):
+        check_backend("triton", torch.device("cuda"))
+
+
+def test_every_backend_is_registered():
+    assert set(BACKENDS) == {"naive", "sdpa", "tiled", "triton"}
+
+
+# Triton: compiled on CUDA; elsewhere the interpreter runs the same kernels in NumPy, a few hundred
+# times slower, so the sizes here are small (and blocks of 16, tl.dot's smallest).
+@pytest.fixture(scope="module")
+def triton_kernel():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("the optional triton package is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        # Triton reads this when it and the kernels are imported, and again lazily while they
+        # run, so it stays set for the rest of the session.
+        os.environ["TRITON_INTERPRET"] = "1"
+    from attnlm.attention import triton_kernel
+
+    return triton_kernel, device
+
+
+# (Tq, Tk, head dim, query block, key block, causal); a head dim of 24 pads to a block of 32.
+TRITON_CASES = [(1, 1, 16, 16, 16, True), (7, 7, 16, 16, 16, True), (64, 64, 32, 16, 32, True),
+                (64, 64, 32, 32, 16, True), (100, 100, 16, 32, 32, True),
+                (50, 50, 16, 16, 16, False), (1, 100, 16, 16, 16, True),
+                (7, 70, 16, 32, 16, True), (33, 70, 24, 16, 32, True), (33, 70, 24, 16, 16, False)]
+
+
+@pytest.mark.parametrize("tq,tk,d,block_q,block_k,causal", TRITON_CASES)
+def test_triton_matches_naive(triton_kernel, tq, tk, d, block_q, block_k, causal):
+    kernel, device = triton_kernel
+    q, k, v, g = (t.to(device) for t in qkv(tq, tk, d))
+    got = run(kernel.attend, q, k, v, g, causal=causal, block_q=block_q, block_k=block_k)
+    assert_agree(got, run(naive.attend, q, k, v, g, causal=causal))
