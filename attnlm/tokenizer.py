@@ -1,10 +1,18 @@
-"""Tokenizers behind one interface: encode(text) -> ids, decode(ids) -> text, state() -> dict.
+"""Tokenizers (bytes, chars, SentencePiece bpe and unigram) behind one interface:
+encode(text) -> ids, decode(ids) -> text, state() -> dict.
 
 `state()` is plain data (JSON-able), saved beside the run and inside each checkpoint, so a
 checkpoint alone rebuilds its tokenizer.
 """
 
+import base64
+import binascii
+import io
 import json
+import re
+from pathlib import Path
+
+import sentencepiece
 
 from attnlm.errors import InputError
 
@@ -65,13 +73,117 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
 
-KINDS = ("bytes", "chars")
+class SentencePieceTokenizer:
+    """A SentencePiece model (BPE or unigram) that encodes any text and decodes it back exactly.
+
+    SentencePiece normally rewrites text (Unicode normalization, merged spaces, a leading space
+    added); attnlm trains without any of that and with byte fallback, so a character outside the
+    vocabulary becomes its UTF-8 byte pieces. Lines are training sentences, so no piece holds a
+    newline: a newline is always its own byte piece. One ambiguity is left: SentencePiece writes
+    a space as U+2581 ('▁') and would read a literal U+2581 back as a space, so encode() writes
+    that character as its three byte pieces.
+    """
+
+    # Text that a lossless model (ours, or a user's trained with the same options) round-trips.
+    PROBE = "\ufeff two  spaces\n\n\ttab\r\n 🙂 東京 ▁ \x00\x7f end  "
+
+    def __init__(self, kind, model_proto, name="the tokenizer model"):
+        self.kind, self.model_proto = kind, model_proto
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:
+            raise InputError(f"{name} is not a SentencePiece model") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.separator_ids = {
+            "\n": self.sp.encode("\n"),
+            SPACE_MARK: [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")],
+        }
+        if self.decode(self.encode(self.PROBE)) != self.PROBE:
+            raise InputError(
+                f"{name} does not round-trip text exactly; attnlm needs a model trained with "
+                "--byte_fallback=true --normalization_rule_name=identity --add_dummy_prefix=false "
+                "--remove_extra_whitespaces=false")
+
+    @classmethod
+    def train(cls, kind, vocab_size, texts):
+        model = io.BytesIO()
+        sentencepiece.set_random_generator_seed(0)  # the same text gives the same model
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=_sentences(texts), model_writer=model, model_type=kind,
+                vocab_size=vocab_size, byte_fallback=True, normalization_rule_name="identity",
+                add_dummy_prefix=False, remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) as pieces
+                input_sentence_size=SAMPLE_LINES, shuffle_input_sentence=True, minloglevel=2)
+        except RuntimeError as err:  # e.g. a vocabulary too small for the text's characters
+            # Keep SentencePiece's reason, not its location nor its advice on flags attnlm hides.
+            reason = str(err).split("] ", 1)[-1].split(" Increase vocab_size")[0].strip()
+            raise InputError(f"cannot train a {kind} tokenizer with tokenizer.vocab_size="
+                             f"{vocab_size} on this text: {reason}") from None
+        return cls(kind, model.getvalue())
+
+    @classmethod
+    def from_file(cls, kind, path):
+        try:
+            with open(path, "rb") as f:
+                return cls(kind, f.read(), name=str(path))
+        except OSError as err:
+            raise InputError(f"cannot read tokenizer.model_file={str(path)!r}: {err.strerror}") from None
+
+    def encode(self, text):
+        # Each line is encoded on its own, so a text's ids are those of its lines however the
+        # text is cut into chunks. (Unigram breaks ties between equally likely splits by float
+        # rounding, which the text before a line would otherwise sway.)
+        parts = re.split(f"(\n|{SPACE_MARK})", text)  # text, separator, text, ..., text
+        ids = []
+        for i, part_ids in enumerate(self.sp.encode(parts[0::2])):
+            if i:
+                ids += self.separator_ids[parts[2 * i - 1]]
+            ids += part_ids
+        return ids
+
+    def decode(self, ids):
+        # Byte pieces of a character cut short decode to U+FFFD, as for ByteTokenizer.
+        return self.sp.decode(list(ids))
+
+    def state(self):
+        return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
+
+
+SPACE_MARK = "\u2581"  # SentencePiece's stand-in for a space
+SAMPLE_LINES = 300_000  # lines drawn at random from the training text to train a tokenizer on
+MAX_LINE = 1000  # characters; longer lines are cut (SentencePiece skips sentences over 4192 bytes)
+
+
+def _sentences(texts):
+    """The lines of a stream of text chunks, without their newlines, long ones cut."""
+    carry = ""
+    for text in texts:
+        *lines, carry = (carry + text).split("\n")
+        for line in lines:
+            yield from _cut(line)
+        while len(carry) > MAX_LINE:  # a line with no end in sight never sits whole in memory
+            yield carry[:MAX_LINE]
+            carry = carry[MAX_LINE:]
+    yield from _cut(carry)
+
+
+def _cut(line):
+    return (line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE))
+
+
+KINDS = ("bytes", "chars", "bpe", "unigram")
+SENTENCEPIECE_KINDS = ("bpe", "unigram")
 
 
 def train_tokenizer(cfg, texts):
     """Build the tokenizer that `cfg` (TokenizerConfig) asks for from an iterable of texts."""
     if cfg.kind == "chars":
         return CharTokenizer.train(texts)
+    if cfg.kind in SENTENCEPIECE_KINDS and cfg.model_file:
+        return SentencePieceTokenizer.from_file(cfg.kind, cfg.model_file)
+    if cfg.kind in SENTENCEPIECE_KINDS:
+        return SentencePieceTokenizer.train(cfg.kind, cfg.vocab_size, texts)
     return ByteTokenizer()
 
 
@@ -81,12 +193,22 @@ def from_state(state):
         return ByteTokenizer()
     if kind == "chars" and isinstance(state.get("chars"), str):
         return CharTokenizer(state["chars"])
+    if kind in SENTENCEPIECE_KINDS and isinstance(state.get("model"), str):
+        try:
+            model = base64.b64decode(state["model"], validate=True)
+        except binascii.Error:
+            raise InputError(f"the saved {kind} tokenizer model is not valid base64") from None
+        return SentencePieceTokenizer(kind, model)
     raise InputError(f"unknown tokenizer state (kind={kind!r})")
 
 
 def save(tokenizer, path):
+    """The state as JSON at path; a SentencePiece model also as a .model file beside it, which
+    other tools (and tokenizer.model_file) read."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(tokenizer.state(), f, ensure_ascii=False)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        Path(path).with_suffix(".model").write_bytes(tokenizer.model_proto)
 
 
 def load(path):

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from attnlm import checkpoint, config as config_mod, tokenizer as tokenizer_mod
+from attnlm.attention import check_backend
 from attnlm.data import BatchSampler, need_tokens, prepare_training
 from attnlm.errors import AttnlmError, InputError
 from attnlm.evaluate import split_loss
@@ -116,11 +117,12 @@ def _train(cfg, out, resume, quiet, interrupt):
     t, m = cfg.train, cfg.model
     set_threads(t.threads)
     device = resolve_device(t.device)
+    check_backend(m.attention, device)
     amp = autocast(device, t.dtype)  # validates dtype against the device up front
     torch.manual_seed(t.seed)
     ckpt = checkpoint.load(out / checkpoint.FILENAME) if resume else None
     tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"]) if ckpt else None
-    tokenizer, splits = prepare_training(cfg, tokenizer)
+    tokenizer, splits = prepare_training(cfg, tokenizer, progress=not quiet)
     need_tokens(splits["train"], "train", m.block_size)
     need_tokens(splits["val"], "val", m.block_size)
 
@@ -167,6 +169,7 @@ def _train(cfg, out, resume, quiet, interrupt):
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        loss_value = 0.0
         for _ in range(t.grad_accum):
             x, y = sampler.next()
             try:
@@ -178,7 +181,7 @@ def _train(cfg, out, resume, quiet, interrupt):
                     f"out of memory at step {step + 1}; try a smaller train.batch_size or "
                     "model.block_size, or raise train.grad_accum (the last checkpoint is kept)"
                 ) from None
-        loss_value = loss.item()
+            loss_value += loss.item() / t.grad_accum
         if not math.isfinite(loss_value):
             raise AttnlmError(f"loss became {loss_value} at step {step + 1}; stopped, the last "
                               "good checkpoint is kept (try a lower train.lr)")

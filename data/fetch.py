@@ -1,6 +1,6 @@
-"""Download public corpora into data/NAME/, verified by SHA-256. Standard library only.
+"""Download public corpora into data/NAME/, verified by size and SHA-256. Standard library only.
 
-    python data/fetch.py tinyshakespeare
+    python data/fetch.py tinyshakespeare enwik8
 
 Offline, it says so in one line; copy the file by hand to the path it names instead, or point
 attnlm at your copy with --set data.source=PATH.
@@ -10,14 +10,27 @@ import hashlib
 import sys
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
+ROOT = Path(__file__).parent
+
+# size and sha256 are those of the download (for enwik8, the zip archive); see data/README.md
+# for where each checksum comes from. "member" names the file to take out of an archive.
 CORPORA = {
     "tinyshakespeare": {
         "url": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "file": "input.txt",
+        "size": 1_115_394,
         "sha256": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        "about": "40,000 lines of Shakespeare (1.1 MB), the char-rnn corpus",
+        "file": "input.txt",
+    },
+    "enwik8": {
+        "url": "http://mattmahoney.net/dc/enwik8.zip",
+        "size": 36_445_475,
+        "sha256": "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+        "member": "enwik8",
+        "file": "enwik8.txt",
+        "file_size": 100_000_000,
     },
 }
 
@@ -30,27 +43,43 @@ def sha256(path):
     return h.hexdigest()
 
 
-def fetch(name):
+def download(url, path):
+    with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+
+
+def fetch(name, root=ROOT):
     spec = CORPORA[name]
-    target = Path(__file__).parent / name / spec["file"]
-    if target.exists() and sha256(target) == spec["sha256"]:
-        print(f"{target} is already here and verified")
+    target = root / name / spec["file"]
+    # An archive's own checksum cannot be checked once it is unpacked; its size can.
+    if target.exists() and target.stat().st_size == spec.get("file_size", spec["size"]) and (
+            "member" in spec or sha256(target) == spec["sha256"]):
+        print(f"{target} is already here")
         return 0
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
+    partial = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(spec["url"], timeout=60) as response, open(partial, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
+        download(spec["url"], partial)
     except (urllib.error.URLError, OSError) as err:
         partial.unlink(missing_ok=True)
         print(f"cannot download {name} ({getattr(err, 'reason', err)}); offline? put a copy at "
-              f"{target} or use --set data.source=PATH", file=sys.stderr)
+              f"{target} or point attnlm at yours with --set data.source=PATH", file=sys.stderr)
         return 1
-    if sha256(partial) != spec["sha256"]:
+    size = partial.stat().st_size
+    if size != spec["size"] or sha256(partial) != spec["sha256"]:
         partial.unlink()
-        print(f"{name}: checksum mismatch, download discarded", file=sys.stderr)
+        print(f"{name}: the download ({size:,} bytes) does not match the expected size and "
+              "SHA-256; discarded", file=sys.stderr)
         return 1
+    if "member" in spec:
+        unpacked = target.with_name(target.name + ".unpacking")
+        with zipfile.ZipFile(partial) as archive, archive.open(spec["member"]) as src, \
+                open(unpacked, "wb") as dst:
+            while chunk := src.read(1 << 20):  # zipfile checks the member's CRC-32 at its end
+                dst.write(chunk)
+        partial.unlink()
+        partial = unpacked
     partial.replace(target)
     print(f"{target}: verified")
     return 0
