@@ -24,6 +24,7 @@ class ModelConfig:
     attn_dropout: float = 0.0  # on attention probabilities
     bias: bool = False  # biases in Linear and LayerNorm layers
     pos: str = "learned"  # positional scheme (see attnlm.positional.SCHEMES)
+    rope_base: float = 10000.0  # pos=rope: pair i of a head turns by base^(-2i/head_dim) a position
     attention: str = "sdpa"  # attention backend (see attnlm.attention.BACKENDS)
 
 
@@ -36,7 +37,9 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "chars"  # bytes or chars
+    kind: str = "chars"  # bytes, chars, bpe or unigram (SentencePiece, trained on the train split)
+    vocab_size: int = 2048  # bpe and unigram: pieces, the 256 byte pieces and 3 special ones included
+    model_file: str = ""  # bpe and unigram: use this SentencePiece .model instead of training one
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     eval_interval: int = 250  # evaluate on val (and checkpoint) every this many steps
     eval_iters: int = 20  # val batches per evaluation; 0 means the whole val split
+    keep_last: int = 0  # also keep the last N checkpoints under checkpoints/; 0 keeps only the latest
     log_interval: int = 10
     seed: int = 1337
     threads: int = 0  # torch CPU threads; 0 means all cores
@@ -225,14 +229,18 @@ def validate(cfg):
         value = getattr(getattr(cfg, section), name)
         _check(p, value > 0, key, value, "must be positive")
     non_negative = ["train.warmup_iters", "train.lr_decay_iters", "train.eval_iters",
-                    "train.threads", "train.weight_decay", "train.grad_clip", "sample.top_k",
-                    "sample.temperature"]
+                    "train.keep_last", "train.threads", "train.weight_decay", "train.grad_clip",
+                    "sample.top_k", "sample.temperature"]
     for key in non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(p, value >= 0, key, value, "must not be negative")
     if m.n_head > 0 and m.n_embd % m.n_head:
         p.append(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    elif m.pos == "rope" and m.n_head > 0 and (m.n_embd // m.n_head) % 2:
+        p.append(f"model.pos='rope' needs an even head dimension, not model.n_embd / model.n_head "
+                 f"= {m.n_embd // m.n_head}")
+    _check(p, m.rope_base > 1, "model.rope_base", m.rope_base, "must be greater than 1")
     for key, value in [("model.dropout", m.dropout), ("model.attn_dropout", m.attn_dropout)]:
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
     _check(p, 0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
@@ -249,6 +257,13 @@ def validate(cfg):
     if m.attention in BACKENDS and m.attn_dropout > 0 and not BACKENDS[m.attention].dropout:
         p.append(f"model.attention={m.attention!r} does not support attention dropout "
                  f"(model.attn_dropout={m.attn_dropout}); use naive or sdpa")
+    k = cfg.tokenizer
+    if k.kind in ("bpe", "unigram") and not k.model_file:
+        _check(p, k.vocab_size >= 260, "tokenizer.vocab_size", k.vocab_size,
+               "must be at least 260 (256 byte pieces and 3 special pieces come first)")
+    if k.model_file and k.kind not in ("bpe", "unigram"):
+        p.append(f"tokenizer.model_file={k.model_file!r} needs tokenizer.kind=bpe or unigram "
+                 f"(not {k.kind!r})")
     _check(p, 0 < s.top_p <= 1, "sample.top_p", s.top_p, "must be in (0, 1]")
     _check(p, 0 <= s.min_p <= 1, "sample.min_p", s.min_p, "must be in [0, 1]")
     _check(p, s.repetition_penalty > 0, "sample.repetition_penalty", s.repetition_penalty,

@@ -8,7 +8,7 @@ from torch import nn
 
 from attnlm.attention import get_backend
 from attnlm.kv_cache import KVCache
-from attnlm.positional import build_absolute
+from attnlm.positional import Rotary, alibi_slopes, build_absolute
 
 
 class Attention(nn.Module):
@@ -19,14 +19,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attend = get_backend(cfg.attention)
         self.attn_dropout = cfg.attn_dropout
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
+        slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)  # follows from n_head
 
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(C, 2))
+        if self.rotary is not None:
+            # Before the cache: each key is rotated once, at its absolute position, and kept so.
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos)
         y = self.attend(q, k, v, causal=True, scale=1.0 / math.sqrt(q.size(-1)),
-                        dropout_p=self.attn_dropout if self.training else 0.0)
+                        dropout_p=self.attn_dropout if self.training else 0.0,
+                        alibi_slopes=self.alibi_slopes)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -1,39 +1,272 @@
-"""Sampling as free functions over logits, and the generation loop."""
+"""Sampling: logits processors as free functions, the generation loop (KV-cached or not), and
+the text side of streaming (incremental detokenizing, stop strings).
+
+The context window. A model reads at most block_size tokens. When the window is full, it keeps
+its last half (block_size // 2 tokens), which is re-read in one pass at positions 0.., and
+generation goes on from there. The cached and the uncached path follow this one rule, so they
+produce the same tokens.
+"""
+
+from dataclasses import dataclass
 
 import torch
 
 from attnlm.errors import InputError
 
 
-def check_controls(temperature, top_k):
-    if temperature < 0:
-        raise InputError(f"--temperature={temperature} must not be negative (0 means greedy)")
-    if top_k < 0:
-        raise InputError(f"--top-k={top_k} must not be negative (0 disables it)")
+@dataclass(frozen=True)
+class Controls:
+    """How the next token is chosen; the defaults change nothing (plain sampling)."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    min_p: float = 0.0  # 0 disables
+    repetition_penalty: float = 1.0  # 1 disables
+
+    def check(self):
+        """Raise an InputError naming the first control out of range."""
+        rules = [
+            ("temperature", self.temperature >= 0, "must not be negative (0 means greedy)"),
+            ("top-k", self.top_k >= 0, "must not be negative (0 disables it)"),
+            ("top-p", 0 < self.top_p <= 1, "must be in (0, 1] (1 disables it)"),
+            ("min-p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 disables it)"),
+            ("repetition-penalty", self.repetition_penalty > 0, "must be positive (1 disables it)"),
+        ]
+        for name, ok, why in rules:
+            if not ok:  # also NaN, for which every comparison is False
+                raise InputError(f"--{name}={getattr(self, name.replace('-', '_'))} {why}")
+
+
+# Logits processors: (B, V) logits in, (B, V) logits out; a removed token's logit becomes -inf.
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL's penalty (Keskar et al., 2019): the logit of every token in `seen` (a (B, V) bool
+    mask of the tokens already in the sequence) is divided by `penalty` if positive and
+    multiplied by it if not, so penalty > 1 makes repeats less likely either way."""
+    if penalty == 1:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits, temperature):
+    return logits if temperature == 1 else logits / temperature
 
 
 def apply_top_k(logits, k):
-    """Keep the k largest logits of each row; the rest become -inf."""
+    """Keep the k largest logits of each row (and any tied with the k-th)."""
     if not k or k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def next_token(logits, temperature, top_k, generator=None):
-    """One token id per row of logits (B, vocab): greedy at temperature 0, else sampled."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(apply_top_k(logits.float() / temperature, top_k), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+def apply_top_p(logits, p):
+    """Nucleus filtering: keep the smallest set of likeliest tokens whose probability mass
+    reaches p. A token stays while the mass of the tokens likelier than it is below p."""
+    if p >= 1:
+        return logits
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(ordered, dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
 
 
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
-    """Yield (B, 1) token ids one step at a time, each predicted from the last block_size tokens."""
-    block_size = model.cfg.block_size
+def apply_min_p(logits, min_p):
+    """Keep the tokens whose probability is at least min_p times the likeliest one's."""
+    if min_p <= 0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def next_token(logits, controls, seen=None, generator=None):
+    """One token id per row of logits (B, V), as a (B,) tensor. Order: repetition penalty,
+    then greedy (temperature 0) or temperature, top-k, top-p, min-p and a draw."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, controls.repetition_penalty)
+    if controls.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits, controls.temperature)
+    logits = apply_min_p(apply_top_p(apply_top_k(logits, controls.top_k), controls.top_p),
+                         controls.min_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None, use_cache=True):
+    """Yield the next token of every row, a (B,) tensor, max_new_tokens times.
+
+    prompt is (B, T), T >= 1; a longer prompt than block_size keeps its last block_size tokens.
+    With use_cache, the prompt is read in one pass and then one token a step, its keys and values
+    kept in a KV cache allocated once; without, every step re-reads the whole window (the
+    reference). The window rule is in the module's docstring.
+    """
+    block = model.cfg.block_size
+    keep = max(1, block // 2)
+    prompt = prompt[:, -block:]
+    rows, length = prompt.shape
+    tokens = prompt.new_empty(rows, length + max_new_tokens)  # the whole sequence, filled in place
+    tokens[:, :length] = prompt
+    seen = None
+    if controls.repetition_penalty != 1:
+        seen = torch.zeros(rows, model.vocab_size, dtype=torch.bool, device=prompt.device)
+        seen.scatter_(1, prompt, True)
+    cache = model.new_cache(rows, min(block, length + max_new_tokens)) if use_cache else None
+    start, fed, end = 0, 0, length  # the window is tokens[:, start:end]; the cache holds `fed` of it
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -block_size:])
-        token = next_token(logits[:, -1], temperature, top_k, generator)
-        idx = torch.cat([idx, token], dim=1)
+        if end - start > block:
+            start, fed = end - keep, 0
+        begin = start + fed if use_cache else start
+        logits, _ = model(tokens[:, begin:end], cache=cache, pos=begin - start)
+        fed = end - start
+        token = next_token(logits[:, -1], controls, seen, generator)
+        tokens[:, end] = token
+        end += 1
+        if seen is not None:
+            seen.scatter_(1, token.unsqueeze(1), True)
         yield token
+
+
+def decode_layout(model):
+    """Store each block's weight matrices transposed in memory (same values, same shapes).
+
+    A decode step multiplies one vector by every matrix, so it is bound by reading the weights;
+    on the CPUs measured, reading W^T row by row (input-major) streams about 1.8x faster than
+    the (output, input) layout torch keeps by default. Harmless for training and checkpoints.
+    """
+    for module in model.blocks.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
+class IncrementalDecoder:
+    """Turns one sample's token ids into text as they arrive, emitting only finished text: a
+    character split across byte tokens is held until its last byte comes.
+
+    It re-decodes a short span of recent ids and emits what grew, which also serves tokenizers
+    whose text for a token depends on the one before (e.g. SentencePiece's leading spaces).
+    """
+
+    CONTEXT = 4  # prompt ids kept as context for the first new token
+
+    def __init__(self, tokenizer, context=()):
+        self.tokenizer = tokenizer
+        self.ids = list(context)[-self.CONTEXT:]
+        self.prefix = 0  # ids[prefix:read] is text already emitted, decoded again as context
+        self.read = len(self.ids)
+
+    def _grown(self):
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return self.tokenizer.decode(self.ids[self.prefix:])[len(done):]
+
+    def push(self, token_id):
+        """The text that token_id completes (often one character, sometimes none)."""
+        self.ids.append(token_id)
+        text = self._grown()
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence; wait for its next byte
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text
+
+    def flush(self):
+        """What is still held at the end (an unfinished character shows as U+FFFD)."""
+        text = self._grown()
+        self.prefix = self.read = len(self.ids)
+        return text
+
+
+class StopFilter:
+    """Passes text through until a stop string appears, withholding the stop string and
+    everything after it. Text that could still grow into a stop string is held back, so a stop
+    string split across tokens is caught before any of it is shown."""
+
+    def __init__(self, stops=()):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped = False
+
+    def push(self, text):
+        """The part of text (with what was held) that is safe to show now."""
+        if self.stopped:
+            return ""
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held, self.stopped = self.held[:min(hits)], "", True
+            return out
+        keep = self._partial_stop_length()
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def _partial_stop_length(self):
+        """Length of the longest end of the held text that begins some stop string."""
+        longest = max((len(s) for s in self.stops), default=1)
+        for size in range(min(len(self.held), longest - 1), 0, -1):
+            tail = self.held[-size:]
+            if any(s.startswith(tail) for s in self.stops):
+                return size
+        return 0
+
+    def flush(self):
+        out, self.held = self.held, ""
+        return out
+
+
+@dataclass
+class Sample:
+    text: str = ""
+    tokens: int = 0  # tokens generated for this sample, up to and including the one that ended it
+    finish: str = "length"  # length (max_new_tokens reached), stop (a stop string) or eos
+
+
+def complete(model, tokenizer, prompt_ids, max_new_tokens, controls=Controls(), *, num_samples=1,
+             seed=0, stop=(), use_cache=True, on_text=None):
+    """Continue prompt_ids num_samples times in one batch (one forward pass a step for all).
+
+    Returns a Sample per row. on_text(row, text) hears each piece of a row's text as soon as it
+    is final: whole characters, stop strings withheld. A row ends at a stop string or the
+    tokenizer's end-of-text token (`eos_id`, where it has one), neither of which is shown.
+    """
+    device = next(model.parameters()).device
+    prompt = torch.tensor([prompt_ids] * num_samples, device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    eos_id = getattr(tokenizer, "eos_id", None)
+    decoders = [IncrementalDecoder(tokenizer, prompt_ids) for _ in range(num_samples)]
+    filters = [StopFilter(stop) for _ in range(num_samples)]
+    samples = [Sample() for _ in range(num_samples)]
+    live = set(range(num_samples))
+
+    def show(row, text):
+        if text:
+            samples[row].text += text
+            if on_text:
+                on_text(row, text)
+
+    def end(row, reason):
+        live.discard(row)
+        show(row, filters[row].push(decoders[row].flush()))  # what was held back, stops included
+        show(row, filters[row].flush())
+        samples[row].finish = "stop" if filters[row].stopped else reason
+
+    for step in generate(model, prompt, max_new_tokens, controls, generator, use_cache):
+        for row, token_id in enumerate(step.tolist()):
+            if row not in live:
+                continue
+            samples[row].tokens += 1
+            if token_id == eos_id:
+                end(row, "eos")
+                continue
+            show(row, filters[row].push(decoders[row].push(token_id)))
+            if filters[row].stopped:
+                end(row, "stop")
+        if not live:
+            break
+    for row in sorted(live):
+        end(row, "length")
+    return samples

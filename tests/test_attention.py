@@ -10,6 +10,7 @@ import torch
 from attnlm.attention import BACKENDS, check_backend, naive, sdpa, tiled
 from attnlm.config import build_config
 from attnlm.errors import ConfigError, InputError
+from attnlm.positional import alibi_slopes
 
 B, H = 2, 3
 
@@ -57,6 +58,33 @@ def test_tiled_matches_naive_and_sdpa(tq, tk, block_q, block_k, causal):
     assert_agree(got, run(sdpa.attend, q, k, v, g, causal=causal))
 
 
+# ALiBi: naive adds the (H, Tq, Tk) bias to its scores, sdpa takes it as a mask, tiled computes it
+# inside each tile (so tiles at every offset from the diagonal are exercised).
+@pytest.mark.parametrize("tq,tk", LENGTHS)
+@pytest.mark.parametrize("block_q,block_k,causal",
+                         [(16, 16, True), (7, 13, True), (None, None, True), (16, 32, False)])
+def test_alibi_tiled_and_sdpa_match_naive(tq, tk, block_q, block_k, causal):
+    q, k, v, g = qkv(tq, tk)
+    slopes = alibi_slopes(H)
+    want = run(naive.attend, q, k, v, g, causal=causal, alibi_slopes=slopes)
+    assert_agree(run(tiled.attend, q, k, v, g, causal=causal, alibi_slopes=slopes,
+                     block_q=block_q, block_k=block_k), want)
+    assert_agree(run(sdpa.attend, q, k, v, g, causal=causal, alibi_slopes=slopes), want)
+    if tk > 1:  # the check can fail: without the bias the outputs differ
+        unbiased = run(naive.attend, q, k, v, g, causal=causal)[0]
+        assert not torch.allclose(unbiased, want[0], atol=1e-3)
+
+
+def test_alibi_with_steep_slopes_masks_far_keys_in_tiled_as_in_naive():
+    # Slopes of 4: far keys get biases of several hundred, exercising the online softmax's
+    # rescaling with large negative scores.
+    q, k, v, g = qkv(100, 100)
+    slopes = torch.tensor([4.0, 1.0, 0.01])
+    assert_agree(run(tiled.attend, q, k, v, g, causal=True, alibi_slopes=slopes, block_q=16,
+                     block_k=16),
+                 run(naive.attend, q, k, v, g, causal=True, alibi_slopes=slopes))
+
+
 def test_tiled_rescales_when_the_maximum_grows():
     # Large, growing scores: later key blocks raise each row's maximum, so the online softmax
     # must rescale what it has accumulated (an error there shows in every output).
@@ -102,6 +130,8 @@ def test_tiled_saves_memory_linear_in_length():
 
     linear = B * H * t * (4 * d + 1)  # q, k, v, out and one logsumexp per row
     assert saved_elements(tiled.attend, block_q=32, block_k=32) == linear
+    slopes = alibi_slopes(H)
+    assert saved_elements(tiled.attend, block_q=32, block_k=32, alibi_slopes=slopes) == linear
     # The check can fail: naive keeps the (T x T) probabilities.
     assert saved_elements(naive.attend) > 2 * linear
 
@@ -168,3 +198,15 @@ def test_triton_matches_naive(triton_kernel, tq, tk, d, block_q, block_k, causal
     q, k, v, g = (t.to(device) for t in qkv(tq, tk, d))
     got = run(kernel.attend, q, k, v, g, causal=causal, block_q=block_q, block_k=block_k)
     assert_agree(got, run(naive.attend, q, k, v, g, causal=causal))
+
+
+@pytest.mark.parametrize("tq,tk,d,block_q,block_k,causal", [
+    (64, 64, 32, 16, 32, True), (100, 100, 16, 32, 32, True), (7, 70, 16, 32, 16, True),
+    (33, 70, 24, 16, 32, True), (33, 70, 24, 16, 16, False)])
+def test_triton_with_alibi_matches_naive(triton_kernel, tq, tk, d, block_q, block_k, causal):
+    kernel, device = triton_kernel
+    q, k, v, g = (t.to(device) for t in qkv(tq, tk, d))
+    slopes = alibi_slopes(H).to(device)
+    got = run(kernel.attend, q, k, v, g, causal=causal, alibi_slopes=slopes, block_q=block_q,
+              block_k=block_k)
+    assert_agree(got, run(naive.attend, q, k, v, g, causal=causal, alibi_slopes=slopes))

@@ -1,10 +1,12 @@
 """Attention backends behind one signature.
 
-    attend(q, k, v, *, causal, scale, dropout_p=0.0) -> out
+    attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None) -> out
 
 q is (B, H, Tq, D); k and v are (B, H, Tk, D) with Tk >= Tq. With `causal`, query i sits at
 absolute position Tk - Tq + i and sees the keys up to that position, so the same call serves
-training (Tq == Tk), prompt prefill and cached decoding (Tq < Tk).
+training (Tq == Tk), prompt prefill and cached decoding (Tq < Tk). alibi_slopes, an (H,) tensor,
+adds ALiBi's bias -slope·(query position - key position) to the scores (the absolute distance
+without `causal`; see masks.alibi_bias). Every backend supports it.
 """
 
 import importlib.util

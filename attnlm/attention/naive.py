@@ -3,11 +3,13 @@
 import torch
 import torch.nn.functional as F
 
-from attnlm.attention.masks import causal_mask
+from attnlm.attention.masks import alibi_bias, causal_mask
 
 
-def attend(q, k, v, *, causal, scale, dropout_p=0.0):
+def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None):
     scores = (q @ k.transpose(-2, -1)) * scale
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, q.size(-2), k.size(-2), causal).to(q.dtype)
     if causal:
         scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)

@@ -15,6 +15,10 @@ operation, so every step is one batched matmul over all B·H heads into prealloc
 elementwise steps run in place, and the blocks are large. Scores are kept in base 2 (the scale is
 multiplied by log2(e)) because torch's exp2 is about three times faster than exp on the CPU.
 Everything is computed in float32 whatever the input dtype.
+
+ALiBi's bias, -slope·(query position - key position), is added to each tile as it is computed,
+from a (block_q, block_k) template of row-minus-column offsets made once per call: no Tq x Tk
+tensor is ever built.
 """
 
 import math
@@ -31,11 +35,13 @@ LOG2E = math.log2(math.e)
 DEFAULT_BLOCKS = {"cpu": (256, 256), "cuda": (128, 128)}
 
 
-def attend(q, k, v, *, causal, scale, dropout_p=0.0, block_q=None, block_k=None):
+def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, block_q=None,
+           block_k=None):
     if dropout_p:
         raise ValueError("the tiled attention backend does not support attention dropout")
     default_q, default_k = DEFAULT_BLOCKS.get(q.device.type, DEFAULT_BLOCKS["cpu"])
-    return TiledAttention.apply(q, k, v, causal, scale, block_q or default_q, block_k or default_k)
+    return TiledAttention.apply(q, k, v, causal, scale, alibi_slopes, block_q or default_q,
+                                block_k or default_k)
 
 
 def _flat(x):
@@ -57,15 +63,39 @@ def _mask_tile(s, i0, j0, offset):
     s.add_(bias.triu_(offset + i0 - j0 + 1))
 
 
+class _Alibi:
+    """ALiBi's bias for the tiles: -slope·(query position - key position) (its absolute value
+    without `causal`), in base 2 like the scores. Row n of the flattened (B·H, T, D) inputs is head
+    n % H."""
+
+    def __init__(self, slopes, batch, block_q, block_k, causal, device):
+        self.neg_slopes = (slopes.float() * -LOG2E).repeat(batch).view(-1, 1, 1)
+        # Row minus column in a whole tile; a tile's distances are these plus one offset.
+        self.rel = (torch.arange(block_q, device=device).unsqueeze(1)
+                    - torch.arange(block_k, device=device)).float()
+        self.dist_buf = torch.empty(block_q * block_k, device=device)
+        self.causal = causal
+
+    def add_to(self, s, i0, j0, offset):
+        """Add the bias to tile s, whose rows are queries from i0 (at absolute positions from
+        offset + i0) and whose columns are keys from j0."""
+        rows, cols = s.shape[1:]
+        dist = torch.add(self.rel[:rows, :cols], offset + i0 - j0,
+                         out=_buffer(self.dist_buf, rows, cols))
+        if not self.causal:
+            dist.abs_()
+        s.addcmul_(self.neg_slopes, dist)
+
+
 def _crosses_diagonal(i0, j1, offset):
     """Whether some key before j1 lies after query i0's absolute position (the tile needs the
     mask; every later query in the block sees further)."""
     return j1 - 1 > offset + i0
 
 
-def forward(q, k, v, causal, scale, block_q, block_k):
-    """q (N, Tq, D), k and v (N, Tk, D), all contiguous float32. Returns the output (N, Tq, D)
-    and each row's logsumexp of the scores in base 2, (N, Tq)."""
+def forward(q, k, v, causal, scale, block_q, block_k, alibi=None):
+    """q (N, Tq, D), k and v (N, Tk, D), all contiguous float32; alibi an _Alibi or None.
+    Returns the output (N, Tq, D) and each row's logsumexp of the scores in base 2, (N, Tq)."""
     n, tq, d = q.shape
     tk = k.size(1)
     offset = tk - tq  # query i sits at absolute position offset + i
@@ -87,6 +117,8 @@ def forward(q, k, v, causal, scale, block_q, block_k):
         for j0 in range(0, k_end, block_k):
             j1 = min(j0 + block_k, k_end)
             s = torch.bmm(qi, k[:, j0:j1].transpose(1, 2), out=_buffer(s_buf, n, rows, j1 - j0))
+            if alibi is not None:
+                alibi.add_to(s, i0, j0, offset)
             if causal and _crosses_diagonal(i0, j1, offset):
                 _mask_tile(s, i0, j0, offset)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
@@ -100,7 +132,7 @@ def forward(q, k, v, causal, scale, block_q, block_k):
     return out, lse
 
 
-def backward(q, k, v, out, lse, grad_out, causal, scale, block_q, block_k):
+def backward(q, k, v, out, lse, grad_out, causal, scale, block_q, block_k, alibi=None):
     """Gradients of q, k and v (all (N, T, D) float32) given the forward's output and lse.
     Outer loop over key blocks (their dK and dV stay in one buffer), inner over query blocks."""
     n, tq, d = q.shape
@@ -127,6 +159,8 @@ def backward(q, k, v, out, lse, grad_out, causal, scale, block_q, block_k):
             # P = exp2(c·QKᵀ - lse), the subtraction folded into the matmul.
             p = torch.baddbmm(neg_lse[:, i0:i1], qi, kj.transpose(1, 2), alpha=c,
                               out=_buffer(s_buf, *shape))
+            if alibi is not None:
+                alibi.add_to(p, i0, j0, offset)
             if causal and _crosses_diagonal(i0, j1, offset):
                 _mask_tile(p, i0, j0, offset)
             p.exp2_()
@@ -140,13 +174,16 @@ def backward(q, k, v, out, lse, grad_out, causal, scale, block_q, block_k):
 
 class TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, block_q, block_k):
+    def forward(ctx, q, k, v, causal, scale, slopes, block_q, block_k):
         # Autocast would run the matmuls in half precision; the tiles accumulate in float32.
         with torch.autocast(q.device.type, enabled=False):
             qf, kf, vf = _flat(q), _flat(k), _flat(v)
-            out, lse = forward(qf, kf, vf, causal, scale, block_q, block_k)
+            alibi = None
+            if slopes is not None:
+                alibi = _Alibi(slopes, q.size(0), block_q, block_k, causal, q.device)
+            out, lse = forward(qf, kf, vf, causal, scale, block_q, block_k, alibi)
         ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.args = (causal, scale, block_q, block_k)
+        ctx.args = (causal, scale, block_q, block_k, alibi)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         return out.view(q.shape).to(q.dtype)
 
@@ -157,4 +194,4 @@ class TiledAttention(torch.autograd.Function):
             grads = backward(q, k, v, out, lse, _flat(grad_out), *ctx.args)
         batch_heads = grad_out.shape[:2]
         dq, dk, dv = (g.view(*batch_heads, *g.shape[1:]).to(t) for g, t in zip(grads, ctx.dtypes))
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None

@@ -9,6 +9,9 @@ those every row of the block sees whole (no mask), then those that cross the cau
 the end of the keys (masked). Scores are in base 2, as in tiled.py. Operands keep the input dtype
 (tensor cores for 16-bit inputs); products and statistics accumulate in float32.
 
+ALiBi's bias, -slope·(query position - key position), is computed inside every tile from the
+row and column indices (ALIBI is a compile-time switch; without it the kernels are unchanged).
+
 On the CPU, TRITON_INTERPRET=1 runs these kernels in NumPy (slowly): that is how the tests check
 them on a machine without a GPU.
 """
@@ -41,6 +44,16 @@ def _visible(rows, cols, tk, offset, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _alibi(rows, cols, offset, neg_slope, CAUSAL: tl.constexpr):
+    """ALiBi's bias in base 2 for query rows and key columns (broadcastable, as for _visible):
+    -slope·(query position - key position), its absolute value without CAUSAL."""
+    distance = (offset + rows - cols).to(tl.float32)
+    if not CAUSAL:
+        distance = tl.abs(distance)
+    return neg_slope * distance
+
+
+@triton.jit
 def _key_phases(m0, tq, tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the query rows from m0: key blocks in [0, lo) need no mask, those in [lo, hi) do."""
     offset = tk - tq
@@ -55,12 +68,15 @@ def _key_phases(m0, tq, tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, rows, offs_n, offs_d, start, stop, tk, offset, c,
-               CAUSAL: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+               neg_slope, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+               D: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
         k = _load_rows(k_base, cols, tk, offs_d, D, 0.0)
         v = _load_rows(v_base, cols, tk, offs_d, D, 0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * c
+        if ALIBI:
+            s += _alibi(rows[:, None], cols[None, :], offset, neg_slope, CAUSAL)
         if MASKED:
             visible = _visible(rows[:, None], cols[None, :], tk, offset, CAUSAL)
             s = tl.where(visible, s, float("-inf"))
@@ -74,8 +90,9 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, rows, offs_n, offs_d, start, st
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, tq, tk, c, CAUSAL: tl.constexpr, D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_kernel(Q, K, V, Out, Lse, NegSlopes, n_head, tq, tk, c, CAUSAL: tl.constexpr,
+                ALIBI: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     offset = tk - tq
@@ -84,15 +101,16 @@ def _fwd_kernel(Q, K, V, Out, Lse, tq, tk, c, CAUSAL: tl.constexpr, D: tl.conste
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + bh * tq * D, rows, tq, offs_d, D, 0.0)
     k_base, v_base = K + bh * tk * D, V + bh * tk * D
+    neg_slope = tl.load(NegSlopes + bh % n_head)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lo, hi = _key_phases(m0, tq, tk, CAUSAL, BLOCK_M, BLOCK_N)
     # Unmasked blocks first, from key 0, which every row sees: each row's first maximum is finite.
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, rows, offs_n, offs_d, 0, lo, tk,
-                               offset, c, CAUSAL, False, D, BLOCK_N)
+                               offset, c, neg_slope, CAUSAL, ALIBI, False, D, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, rows, offs_n, offs_d, lo, hi, tk,
-                               offset, c, CAUSAL, True, D, BLOCK_N)
+                               offset, c, neg_slope, CAUSAL, ALIBI, True, D, BLOCK_N)
     out = acc / l_i[:, None]
     mask = (rows[:, None] < tq) & (offs_d[None, :] < D)
     out_ptrs = Out + bh * tq * D + rows[:, None] * D + offs_d[None, :]
@@ -102,13 +120,15 @@ def _fwd_kernel(Q, K, V, Out, Lse, tq, tk, c, CAUSAL: tl.constexpr, D: tl.conste
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, rows, offs_n, offs_d, start, stop, tk,
-              offset, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              offset, c, neg_slope, CAUSAL: tl.constexpr, ALIBI: tl.constexpr,
+              MASKED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
         k = _load_rows(k_base, cols, tk, offs_d, D, 0.0)
         v = _load_rows(v_base, cols, tk, offs_d, D, 0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * c - lse[:, None]
+        if ALIBI:
+            s += _alibi(rows[:, None], cols[None, :], offset, neg_slope, CAUSAL)
         if MASKED:
             visible = _visible(rows[:, None], cols[None, :], tk, offset, CAUSAL)
             s = tl.where(visible, s, float("-inf"))
@@ -120,9 +140,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, rows, offs_n, offs_d, start
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, tq, tk, scale, c, CAUSAL: tl.constexpr,
-               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, NegSlopes, n_head, tq, tk, scale, c,
+               CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     offset = tk - tq
@@ -134,12 +154,13 @@ def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, tq, tk, scale, c, CAUSAL: tl.constex
     lse = tl.load(Lse + bh * tq + rows, mask=rows < tq, other=0.0)
     delta = tl.load(Delta + bh * tq + rows, mask=rows < tq, other=0.0)
     k_base, v_base = K + bh * tk * D, V + bh * tk * D
+    neg_slope = tl.load(NegSlopes + bh % n_head)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _key_phases(m0, tq, tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, rows, offs_n, offs_d, 0, lo, tk, offset,
-                   c, CAUSAL, False, D, BLOCK_N)
+                   c, neg_slope, CAUSAL, ALIBI, False, D, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, rows, offs_n, offs_d, lo, hi, tk, offset,
-                   c, CAUSAL, True, D, BLOCK_N)
+                   c, neg_slope, CAUSAL, ALIBI, True, D, BLOCK_N)
     mask = (rows[:, None] < tq) & (offs_d[None, :] < D)
     dq_ptrs = DQ + bh * tq * D + rows[:, None] * D + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
@@ -147,8 +168,8 @@ def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, tq, tk, scale, c, CAUSAL: tl.constex
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_m, offs_d, start,
-                stop, tq, tk, offset, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                D: tl.constexpr, BLOCK_M: tl.constexpr):
+                stop, tq, tk, offset, c, neg_slope, CAUSAL: tl.constexpr, ALIBI: tl.constexpr,
+                MASKED: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
     for m0 in range(start, stop, BLOCK_M):
         rows = m0 + offs_m
         q = _load_rows(q_base, rows, tq, offs_d, D, 0.0)
@@ -158,6 +179,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_
         delta = tl.load(delta_base + rows, mask=rows < tq, other=0.0)
         # Transposed tiles (keys x queries), so dK and dV accumulate without transposing them.
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * c - lse[None, :]
+        if ALIBI:
+            s_t += _alibi(rows[None, :], cols[:, None], offset, neg_slope, CAUSAL)
         if MASKED:
             visible = _visible(rows[None, :], cols[:, None], tk, offset, CAUSAL)
             s_t = tl.where(visible, s_t, float("-inf"))
@@ -170,9 +193,9 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, tq, tk, scale, c, CAUSAL: tl.constexpr,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, NegSlopes, n_head, tq, tk, scale, c,
+                 CAUSAL: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     offset = tk - tq
@@ -183,6 +206,7 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, tq, tk, scale, c, CAUSAL: tl.c
     v = _load_rows(V + bh * tk * D, cols, tk, offs_d, D, 0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    neg_slope = tl.load(NegSlopes + bh % n_head)
     if CAUSAL:
         # Rows before lo see none of these keys; rows from mid on see all of them.
         lo = tl.maximum(n0 - offset, 0)
@@ -194,19 +218,22 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, tq, tk, scale, c, CAUSAL: tl.c
     q_base, do_base = Q + bh * tq * D, DO + bh * tq * D
     lse_base, delta_base = Lse + bh * tq, Delta + bh * tq
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_m, offs_d,
-                         lo, mid, tq, tk, offset, c, CAUSAL, True, D, BLOCK_M)
+                         lo, mid, tq, tk, offset, c, neg_slope, CAUSAL, ALIBI, True, D, BLOCK_M)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_m, offs_d,
-                         mid, tq, tq, tk, offset, c, CAUSAL, False, D, BLOCK_M)
+                         mid, tq, tq, tk, offset, c, neg_slope, CAUSAL, ALIBI, False, D,
+                         BLOCK_M)
     mask = (cols[:, None] < tk) & (offs_d[None, :] < D)
     ptrs = bh * tk * D + cols[:, None] * D + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
-def attend(q, k, v, *, causal, scale, dropout_p=0.0, block_q=None, block_k=None):
+def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, block_q=None,
+           block_k=None):
     if dropout_p:
         raise ValueError("the triton attention backend does not support attention dropout")
-    return TritonAttention.apply(q, k, v, causal, scale, block_q or BLOCKS[0], block_k or BLOCKS[1])
+    return TritonAttention.apply(q, k, v, causal, scale, alibi_slopes, block_q or BLOCKS[0],
+                                 block_k or BLOCKS[1])
 
 
 def _flat(x):
@@ -215,34 +242,40 @@ def _flat(x):
 
 class TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, block_q, block_k):
+    def forward(ctx, q, k, v, causal, scale, slopes, block_q, block_k):
         qf, kf, vf = _flat(q), _flat(k), _flat(v)
+        alibi = slopes is not None
+        # In base 2 like the scores; without ALiBi one unread zero stands in.
+        neg_slopes = (-LOG2E * slopes.float() if alibi
+                      else torch.zeros(1, device=q.device)).contiguous()
         n, tq, d = qf.shape
         tk = kf.size(1)
         out = torch.empty_like(qf)
         lse = torch.empty(n, tq, device=q.device, dtype=torch.float32)
         block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every side >= 16
         _fwd_kernel[(triton.cdiv(tq, block_q), n)](
-            qf, kf, vf, out, lse, tq, tk, scale * LOG2E, CAUSAL=causal, D=d,
-            BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d)
-        ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.args = (causal, scale, block_q, block_k, block_d)
+            qf, kf, vf, out, lse, neg_slopes, neg_slopes.numel(), tq, tk, scale * LOG2E,
+            CAUSAL=causal, ALIBI=alibi, D=d, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d)
+        ctx.save_for_backward(qf, kf, vf, out, lse, neg_slopes)
+        ctx.args = (causal, alibi, scale, block_q, block_k, block_d)
         return out.view(q.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, block_q, block_k, block_d = ctx.args
+        q, k, v, out, lse, neg_slopes = ctx.saved_tensors
+        causal, alibi, scale, block_q, block_k, block_d = ctx.args
         do = _flat(grad_out)
         n, tq, d = q.shape
         tk = k.size(1)
         delta = (do.float() * out.float()).sum(dim=-1)  # rowsum(dO ∘ O), (N, Tq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(CAUSAL=causal, D=d, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d)
+        common = dict(CAUSAL=causal, ALIBI=alibi, D=d, BLOCK_M=block_q, BLOCK_N=block_k,
+                      BLOCK_D=block_d)
+        heads = (neg_slopes, neg_slopes.numel())
         _dq_kernel[(triton.cdiv(tq, block_q), n)](
-            q, k, v, do, lse, delta, dq, tq, tk, scale, scale * LOG2E, **common)
+            q, k, v, do, lse, delta, dq, *heads, tq, tk, scale, scale * LOG2E, **common)
         _dkdv_kernel[(triton.cdiv(tk, block_k), n)](
-            q, k, v, do, lse, delta, dk, dv, tq, tk, scale, scale * LOG2E, **common)
+            q, k, v, do, lse, delta, dk, dv, *heads, tq, tk, scale, scale * LOG2E, **common)
         shape = grad_out.shape[:2]
         return (dq.view(*shape, tq, d), dk.view(*shape, tk, d), dv.view(*shape, tk, d),
-                None, None, None, None)
+                None, None, None, None, None)

@@ -1,0 +1,135 @@
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attnlm import diagnostics
+from attnlm.attention import naive
+from attnlm.cli import cli
+from attnlm.config import ModelConfig
+from attnlm.model import GPT
+from tests.helpers import TINY, text_file
+
+
+def test_entropy_of_uniform_attention_over_T_keys_is_log_T():
+    for t in (1, 2, 7, 64):
+        assert diagnostics.entropy(torch.full((t,), 1 / t)).item() == pytest.approx(math.log(t))
+    assert diagnostics.entropy(torch.tensor([1.0, 0.0, 0.0])).item() == 0.0
+    assert diagnostics.entropy(torch.tensor([0.5, 0.5, 0.0])).item() == pytest.approx(math.log(2))
+
+
+def test_equal_scores_give_uniform_attention_over_the_visible_keys():
+    q, k = torch.zeros(1, 1, 10, 4), torch.randn(1, 1, 10, 4)
+    full = diagnostics.attention_probs(q, k, causal=False, scale=0.5)
+    assert diagnostics.entropy(full).squeeze().tolist() == pytest.approx([math.log(10)] * 10)
+    causal = diagnostics.entropy(diagnostics.attention_probs(q, k, causal=True, scale=0.5)).squeeze()
+    assert causal.tolist() == pytest.approx([math.log(i + 1) for i in range(10)])
+    by_hand = sum(math.log(i + 1) for i in range(10)) / 10
+    assert diagnostics.uniform_causal_entropy(10) == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize("slopes", [None, torch.tensor([0.5, 0.25, 0.125])])
+def test_probabilities_are_those_the_naive_backend_uses(slopes):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    probs = diagnostics.attention_probs(q, k, causal=True, scale=0.3, alibi_slopes=slopes)
+    expected = naive.attend(q, k, v, causal=True, scale=0.3, alibi_slopes=slopes)
+    assert torch.allclose(probs @ v, expected, atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 5))
+
+
+def small_model(attention="sdpa", pos="learned"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=32, n_layer=2, n_head=4, n_embd=32, attention=attention, pos=pos)
+    return GPT(cfg, vocab_size=20).eval()
+
+
+@pytest.mark.parametrize("attention, pos", [("sdpa", "learned"), ("naive", "rope"),
+                                            ("tiled", "alibi"), ("sdpa", "alibi")])
+def test_capturing_changes_no_output_and_restores_the_backend(attention, pos):
+    model = small_model(attention, pos)
+    ids = torch.randint(20, (2, 16))
+    before = [block.attn.attend for block in model.blocks]
+    expected, _ = model(ids)
+    with diagnostics.captured_attention(model) as captured:
+        logits, _ = model(ids)
+    assert torch.equal(logits, expected)
+    assert [p.shape for p in captured] == [(2, 4, 16, 16)] * 2
+    assert [block.attn.attend for block in model.blocks] == before
+
+
+def test_attention_with_no_query_signal_scores_the_maximum():
+    model = small_model()
+    for block in model.blocks:  # queries and keys all zero: every score equal
+        torch.nn.init.zeros_(block.attn.qkv.weight)
+    report = diagnostics.entropy_report(diagnostics.attention_of(model, list(range(20))))
+    assert report["tokens"] == 20 and report["log_T"] == pytest.approx(math.log(20))
+    assert report["max_entropy"] == pytest.approx(sum(math.log(i + 1) for i in range(20)) / 20)
+    for layer in report["entropy"]:
+        assert layer == pytest.approx([report["max_entropy"]] * 4)
+
+
+def test_at_initialisation_attention_is_nearly_uniform():
+    model = small_model()
+    report = diagnostics.entropy_report(diagnostics.attention_of(model, torch.randint(20, (32,)).tolist()))
+    for layer in report["entropy"]:
+        for head in layer:
+            assert 0.98 * report["max_entropy"] < head <= report["max_entropy"] + 1e-6
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("diag")
+    overrides = [x for o in [f"data.source={text_file(tmp)}", *TINY] for x in ("--set", o)]
+    result = CliRunner().invoke(cli, ["train", *overrides, "--out", str(tmp / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+def test_eval_reports_entropy_per_layer_and_head(run_dir):
+    result = CliRunner().invoke(cli, ["eval", str(run_dir), "--attention", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["attention"]
+    assert report["tokens"] == 32  # the first block_size tokens of the val split
+    assert report["max_entropy"] == pytest.approx(math.lgamma(33) / 32)
+    assert len(report["entropy"]) == 2 and all(len(heads) == 2 for heads in report["entropy"])
+    assert all(0 <= e <= report["max_entropy"] + 1e-6 for heads in report["entropy"] for e in heads)
+    text = CliRunner().invoke(cli, ["eval", str(run_dir), "--attention", "--text", "line 1: the"])
+    assert "mean over 11 query positions" in text.stdout and "layer 1:" in text.stdout
+
+
+def test_eval_refuses_a_text_longer_than_the_window(run_dir):
+    result = CliRunner().invoke(cli, ["eval", str(run_dir), "--attention", "--text", "fox " * 9])
+    assert result.exit_code == 2 and "--text is 36 tokens; give 1 to block_size=32" in result.stderr
+
+
+def test_attention_maps_are_png_heat_maps_of_the_weights(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    out = tmp_path / "maps"
+    result = CliRunner().invoke(cli, ["eval", str(run_dir), "--text", "the lazy dog", "--json",
+                                      "--attention-map", str(out)])
+    assert result.exit_code == 0, result.output
+    paths = json.loads(result.stdout)["attention"]["maps"]
+    assert paths == [str(out / "attention_layer0.png"), str(out / "attention_layer1.png")]
+    for path in paths:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = imread(path).shape
+        assert width > height > 100  # two heads side by side
+
+
+def test_a_map_figure_shows_the_weights_of_each_head():
+    pytest.importorskip("matplotlib")
+    from attnlm.plots import attention_figure
+
+    maps = diagnostics.attention_of(small_model(), list(range(6)))
+    report = diagnostics.entropy_report(maps)
+    fig = attention_figure(maps[1], report["entropy"][1], list("abcdef"), layer=1)
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 4
+    for head, image in enumerate(images):
+        assert torch.allclose(torch.as_tensor(image.get_array()), maps[1][head])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list("abcdef")

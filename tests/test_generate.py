@@ -1,0 +1,227 @@
+"""KV-cached generation against uncached decoding (the reference), for every attention backend,
+and the `generate` command."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attnlm import checkpoint
+from attnlm.attention import BACKENDS
+from attnlm.cli import cli
+from attnlm.model import GPT
+from attnlm.sampling import Controls, complete, decode_layout, generate
+from attnlm.train import train
+from tests.helpers import text_file, tiny_config
+
+BLOCK = 16
+TEXT = "".join(f"line {i}: the quick brown fox — naïve café, 1€ — jumps.\n" for i in range(40))
+
+
+def backend_params():
+    """Every registered backend; those that need CUDA are skipped without it."""
+    return [pytest.param(name, marks=pytest.mark.skipif(
+        backend.cuda_only and not torch.cuda.is_available(), reason="needs CUDA"))
+        for name, backend in BACKENDS.items()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("generate")
+    cfg = tiny_config(text_file(tmp, TEXT), f"model.block_size={BLOCK}", "tokenizer.kind=bytes",
+                      "train.max_iters=300", "train.lr=3e-3", f"data.cache_dir={tmp / 'cache'}")
+    train(cfg, tmp / "run", quiet=True)
+    return tmp / "run"
+
+
+def load(run_dir, backend):
+    """The trained model with its attention computed by `backend` (on CUDA if it needs it)."""
+    _, tokenizer, cfg, ckpt = checkpoint.load_model(run_dir)
+    model = GPT(dataclasses.replace(cfg.model, attention=backend), tokenizer.vocab_size)
+    model.load_state_dict(ckpt["model"])
+    return model.to("cuda" if BACKENDS[backend].cuda_only else "cpu").eval(), tokenizer
+
+
+def tokens(model, prompt, n, controls, seed=0, use_cache=True, rows=1):
+    device = next(model.parameters()).device
+    prompt = torch.tensor([prompt] * rows, device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    steps = list(generate(model, prompt, n, controls, gen, use_cache))
+    return torch.stack(steps, dim=1).tolist()
+
+
+SHORT = list(b"line 3")
+LONG = list("line 7: the quick brown fox — naïve".encode())  # longer than the window
+CONTROLS = [Controls(temperature=0), Controls(temperature=0, repetition_penalty=1.3),
+            Controls(temperature=1.0), Controls(0.8, 20, 0.9, 0.05, 1.2)]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("controls", CONTROLS, ids=["greedy", "greedy-penalty", "sample", "all"])
+@pytest.mark.parametrize("prompt", [SHORT, LONG], ids=["short", "long"])
+def test_cached_and_uncached_decoding_give_the_same_tokens(run_dir, backend, controls, prompt):
+    model, _ = load(run_dir, backend)
+    n = 3 * BLOCK  # crosses the full window several times
+    cached = tokens(model, prompt, n, controls, seed=7, rows=2)
+    assert cached == tokens(model, prompt, n, controls, seed=7, rows=2, use_cache=False)
+
+
+def test_rows_of_a_batch_are_independent_samples_and_a_seed_repeats_them(run_dir):
+    model, _ = load(run_dir, "sdpa")
+    hot = Controls(temperature=2.0)
+    rows = tokens(model, SHORT, 30, hot, seed=1, rows=2)
+    assert rows[0] != rows[1] and rows == tokens(model, SHORT, 30, hot, seed=1, rows=2)
+    assert rows != tokens(model, SHORT, 30, hot, seed=2, rows=2)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_cached_step_gives_the_logits_of_a_full_forward(run_dir, backend):
+    model, _ = load(run_dir, backend)
+    ids = torch.tensor([list(b"the quick brown fox")[:BLOCK]] * 2, device=model.head.weight.device)
+    ids[1] = ids[1].flip(0)
+    cache = model.new_cache(2, BLOCK)
+    with torch.no_grad():
+        model(ids[:, :5], cache=cache, pos=0)
+        for pos in range(5, BLOCK):
+            step, _ = model(ids[:, pos:pos + 1], cache=cache, pos=pos)
+            full, _ = model(ids[:, :pos + 1])
+            torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=0)
+
+
+def reference_greedy(model, prompt, n, penalty=1.0):
+    """Greedy decoding written out plainly: the documented window rule, a full forward a step,
+    and the repetition penalty on every token of the sequence so far."""
+    seq, start = list(prompt[-BLOCK:]), 0
+    with torch.no_grad():
+        for _ in range(n):
+            if len(seq) - start > BLOCK:
+                start = len(seq) - BLOCK // 2
+            logits, _ = model(torch.tensor([seq[start:]]))
+            logits = logits[0, -1]
+            for t in set(seq):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            seq.append(logits.argmax().item())
+    return seq[-n:]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+@pytest.mark.parametrize("prompt", [SHORT, LONG], ids=["short", "long"])
+def test_the_window_policy_and_repetition_penalty_against_a_plain_loop(run_dir, prompt, penalty):
+    model, _ = load(run_dir, "naive")
+    n = 3 * BLOCK
+    controls = Controls(temperature=0, repetition_penalty=penalty)
+    assert tokens(model, prompt, n, controls) == [reference_greedy(model, prompt, n, penalty)]
+
+
+def test_decode_layout_changes_no_result(run_dir):
+    model, _ = load(run_dir, "sdpa")
+    before = tokens(model, SHORT, 20, Controls(), seed=3)
+    assert tokens(decode_layout(model), SHORT, 20, Controls(), seed=3) == before
+
+
+def test_the_cache_is_allocated_once_and_each_step_is_one_forward_for_all_rows(run_dir):
+    model, _ = load(run_dir, "sdpa")
+    caches, calls = [], []
+    new_cache = model.new_cache
+    model.new_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    n = 2 * BLOCK
+    tokens(model, SHORT, n, Controls(), rows=3)
+    assert len(caches) == 1 and len(calls) == n
+    prefills = [shape for shape in calls if shape[1] > 1]
+    # the prompt; then the window is full after 16 - 6 new tokens and every 8 after: 3 restarts
+    assert prefills == [(3, len(SHORT))] + [(3, BLOCK // 2)] * 3
+    assert all(shape[0] == 3 for shape in calls)
+
+
+def test_end_of_text_token_ends_a_sample_unshown(run_dir):
+    model, tokenizer = load(run_dir, "sdpa")
+    ids, greedy = tokenizer.encode("line 1"), Controls(temperature=0)
+    plain = complete(model, tokenizer, ids, 12, greedy)[0]
+    generated = tokens(model, ids, 12, greedy)[0]
+    first = next(i for i, t in enumerate(generated) if i and t < 128)  # an ASCII byte, not the 1st
+    tokenizer.eos_id = generated[first]
+    ended = complete(model, tokenizer, ids, 12, greedy)[0]
+    assert ended.finish == "eos" and ended.tokens == generated.index(tokenizer.eos_id) + 1
+    assert ended.text == tokenizer.decode(generated[:ended.tokens - 1])
+    assert plain.text.startswith(ended.text) and plain.finish == "length"
+
+
+# The command line.
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_streams_the_same_text_with_and_without_the_cache(run_dir):
+    for args in (["--temperature", 0], ["--seed", 5, "--top-p", 0.9, "--repetition-penalty", 1.2]):
+        cached = run("generate", run_dir, "--prompt", "line 2", "--max-new-tokens", 40, *args)
+        uncached = run("generate", run_dir, "--prompt", "line 2", "--max-new-tokens", 40, *args,
+                       "--no-cache")
+        assert cached.exit_code == 0, cached.output
+        assert cached.stdout == uncached.stdout and cached.stdout.startswith("line 2")
+
+
+def test_cli_json_reports_text_token_count_and_speed(run_dir):
+    result = run("generate", run_dir, "--prompt", "line", "--max-new-tokens", 25, "--json",
+                 "--num-samples", 2, "--seed", 1)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [s["tokens"] for s in report["samples"]] == [25, 25] and report["tokens"] == 50
+    assert report["tokens_per_s"] > 0 and report["cache"] is True
+    streamed = run("generate", run_dir, "--prompt", "line", "--max-new-tokens", 25,
+                   "--num-samples", 2, "--seed", 1)
+    texts = [s["text"] for s in report["samples"]]
+    assert streamed.stdout == f"line{texts[0]}\n---\nline{texts[1]}\n"
+
+
+def test_cli_stops_before_a_stop_string_that_spans_tokens(run_dir):
+    args = ["generate", run_dir, "--prompt", "line 4", "--max-new-tokens", 40, "--temperature", 0]
+    full = json.loads(run(*args, "--json").stdout)["samples"][0]["text"]
+    stop = full[10:13]  # three characters: at least three tokens
+    cut = full.index(stop)
+    result = json.loads(run(*args, "--json", "--stop", stop).stdout)["samples"][0]
+    assert result["text"] == full[:cut] and result["finish"] == "stop"
+    assert run(*args, "--stop", stop).stdout == "line 4" + full[:cut] + "\n"
+
+
+def test_cli_reads_escapes_in_stop_strings(run_dir):
+    args = ["generate", run_dir, "--prompt", "line 4", "--max-new-tokens", 300, "--temperature", 1]
+    full = json.loads(run(*args, "--json").stdout)["samples"][0]["text"]
+    assert "\n" in full
+    result = json.loads(run(*args, "--json", "--stop", "\\n").stdout)["samples"][0]
+    assert result["text"] == full[:full.index("\n")]
+
+
+def test_cli_keeps_the_tail_of_a_long_prompt_with_a_warning(run_dir):
+    long = "line 8: the quick brown fox jumps"
+    result = run("generate", run_dir, "--prompt", long, "--max-new-tokens", 10, "--temperature", 0)
+    tail = run("generate", run_dir, "--prompt", long[-BLOCK:], "--max-new-tokens", 10,
+               "--temperature", 0)
+    assert result.exit_code == 0 and f"keeping its last {BLOCK}" in result.stderr
+    assert result.stdout.removeprefix(long) == tail.stdout.removeprefix(long[-BLOCK:])
+
+
+def test_cli_empty_prompt_starts_from_a_newline(run_dir):
+    empty = run("generate", run_dir, "--prompt", "", "--max-new-tokens", 10, "--temperature", 0)
+    newline = run("generate", run_dir, "--prompt", "\n", "--max-new-tokens", 10, "--temperature", 0)
+    assert empty.exit_code == 0 and "\n" + empty.stdout == newline.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", 1.5], "--top-p=1.5 must be in (0, 1]"),
+    (["--temperature", -1], "--temperature=-1.0 must not be negative"),
+    (["--min-p", 2], "--min-p=2.0"),
+    (["--repetition-penalty", 0], "--repetition-penalty=0.0"),
+    (["--top-k", -3], "--top-k=-3"),
+    (["--max-new-tokens", -1], "--max-new-tokens=-1"),
+    (["--num-samples", 0], "--num-samples=0"),
+    (["--threads", -1], "--threads=-1"),
+    (["--prompt", "x", "--prompt-file", "p.txt"], "not both"),
+])
+def test_cli_rejects_bad_sampling_values_in_one_line(run_dir, args, message):
+    result = run("generate", run_dir, *args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,131 @@
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from attnlm import sweep
+from attnlm.cli import cli
+from attnlm.errors import InputError
+from tests.helpers import TINY, text_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_names_are_readable_and_safe():
+    assert sweep.run_name("configs/copy.yaml", ["model.n_head=2", "model.pos=none"]) == "copy_n_head-2_pos-none"
+    assert sweep.run_name(None, []) == "default"
+    name = sweep.run_name(None, ["data.source=synthetic:copy,length=8", "data.source=/tmp/a/ü b.txt"])
+    assert name == "default_source-synthetic_copy_length_8_source-_b.txt"
+    # seed is a key of two sections, so it keeps its section
+    assert sweep.run_name(None, ["train.seed=1", "sample.seed=2"]) == "default_train.seed-1_sample.seed-2"
+
+
+def test_long_run_names_are_cut_and_stay_distinct():
+    a = sweep.run_name(None, [f"model.pos={'x' * 200}a"])
+    b = sweep.run_name(None, [f"model.pos={'x' * 200}b"])
+    assert len(a) == len(b) == sweep.MAX_NAME and a != b
+    assert re.fullmatch(r"[A-Za-z0-9._+-]+", a)
+
+
+def test_train_without_out_derives_the_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = text_file(tmp_path)
+    overrides = [x for o in [*TINY, "train.max_iters=2"] for x in ("--set", o)]
+    result = CliRunner().invoke(cli, ["train", "--set", f"data.source={source}", *overrides, "--quiet"])
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    # many overrides: cut, with a hash of them all at the end
+    assert re.fullmatch(r"default_source-corpus\.txt_n_layer-2_n_head-2_.*_[0-9a-f]{10}", run.name)
+    assert len(run.name) == sweep.MAX_NAME
+    assert (run / "summary.json").exists()
+
+
+def fake_run(folder, config, summary, evaluation=None):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps({**summary, "out": str(folder)}))
+    if evaluation is not None:
+        (folder / "eval.json").write_text(json.dumps(evaluation))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    base = {"model": {"n_layer": 2, "n_head": 1, "pos": "learned"}, "train": {"seed": 1}}
+    fake_run(tmp_path / "s" / "a", base, {"steps": 10, "val_loss": 2.5},
+             {"loss": 2.4, "exact_match": 0.5, "attention": {"entropy": [[1.0]]}})
+    fake_run(tmp_path / "s" / "b", {**base, "model": {**base["model"], "n_head": 4}},
+             {"steps": 10, "val_loss": 2.25}, {"loss": 2.2, "exact_match": 0.75})
+    fake_run(tmp_path / "s" / "c", base, None)  # unfinished
+    return tmp_path / "s"
+
+
+def test_find_runs_takes_runs_folders_and_globs(runs, tmp_path):
+    assert sweep.find_runs([str(runs)]) == [runs / "a", runs / "b", runs / "c"]
+    assert sweep.find_runs([str(runs / "b"), str(runs / "[ab]")]) == [runs / "b", runs / "a"]
+    with pytest.raises(InputError, match="no run directory there"):
+        sweep.find_runs([str(tmp_path / "nothing*")])
+
+
+def test_table_has_varying_config_summary_and_eval_columns(runs):
+    columns, rows, left_out = sweep.table(sweep.find_runs([str(runs)]))
+    assert columns == ["run", "model.n_head", "steps", "val_loss", "eval_loss", "eval_exact_match"]
+    assert rows == [[str(runs / "a"), 1, 10, 2.5, 2.4, 0.5], [str(runs / "b"), 4, 10, 2.25, 2.2, 0.75]]
+    assert left_out == [runs / "c"]
+
+
+def test_gather_prints_csv_and_markdown(runs):
+    result = CliRunner().invoke(cli, ["gather", str(runs), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert list(csv.reader(io.StringIO(result.stdout))) == [
+        ["run", "model.n_head", "steps", "val_loss", "eval_loss", "eval_exact_match"],
+        [str(runs / "a"), "1", "10", "2.5", "2.4", "0.5"],
+        [str(runs / "b"), "4", "10", "2.25", "2.2", "0.75"]]
+    assert f"{runs / 'c'} has no summary.json" in result.stderr
+    markdown = CliRunner().invoke(cli, ["gather", str(runs)]).stdout.splitlines()
+    assert markdown[0] == "| run | model.n_head | steps | val_loss | eval_loss | eval_exact_match |"
+    assert markdown[1] == "|---|---|---|---|---|---|"
+    assert markdown[3] == f"| {runs / 'b'} | 4 | 10 | 2.25 | 2.2 | 0.75 |"
+
+
+def test_gather_without_finished_runs_exits_2(tmp_path):
+    fake_run(tmp_path / "r", {"model": {}}, None)
+    result = CliRunner().invoke(cli, ["gather", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no finished run" in result.stderr
+
+
+@pytest.mark.parametrize("heads, pos", [("1 2", "none"),
+                                        pytest.param("1 2", "learned rope alibi", marks=pytest.mark.slow)])
+def test_example_sweep_runs_end_to_end(tmp_path, heads, pos):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "HEADS": heads, "POS": pos, "ITERS": "3", "LAYERS": "1", "EMBD": "8",
+           "BLOCK": "8", "BATCH": "2", "JOBS": "2", "ATTNLM": f"{sys.executable} -m attnlm"}
+    result = subprocess.run(["bash", str(ROOT / "configs" / "sweep_heads_pos.sh"), str(out)],
+                            env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    grid = {(int(h), p) for h in heads.split() for p in pos.split()}
+    configs = {}
+    for row in rows:
+        run = Path(row["run"])
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        configs[config["model"]["n_head"], config["model"]["pos"]] = row
+        assert run.name == f"heads-{config['model']['n_head']}_pos-{config['model']['pos']}"
+        assert config["train"]["threads"] == 1 and config["data"]["source"] == "builtin:pydoc"
+        for key in ("model.n_head", "model.pos"):  # shown where they vary
+            assert row.get(key, str(config["model"][key[6:]])) == str(config["model"][key[6:]])
+        summary = json.loads((run / "summary.json").read_text())
+        evaluation = json.loads((run / "eval.json").read_text())
+        assert row["steps"] == "3" and float(row["val_loss"]) == summary["val_loss"]
+        assert float(row["eval_loss"]) == evaluation["loss"]
+    assert len(rows) == len(configs) and set(configs) == grid  # one row per run
+    assert result.stdout.startswith("| run | model.")  # the Markdown table, shown at the end

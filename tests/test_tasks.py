@@ -1,0 +1,166 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from attnlm import tasks
+from attnlm.cli import cli
+from attnlm.config import build_config
+from attnlm.data import resolve_source
+from attnlm.errors import InputError
+from attnlm.tokenizer import CharTokenizer
+from attnlm.train import train
+
+
+def lines(spec):
+    return tasks.parse(spec).text().splitlines()
+
+
+def test_defaults_and_options():
+    assert tasks.parse("synthetic:copy") == tasks.Task("copy", 16, 8, 20000, 0)
+    assert tasks.parse("synthetic:associative_recall") == tasks.Task("associative_recall", 8, 16, 20000, 0)
+    assert tasks.parse("synthetic:reverse,vocab=3,length=5,n=7,seed=2") == tasks.Task("reverse", 5, 3, 7, 2)
+
+
+def test_text_is_a_function_of_the_spec():
+    assert lines("synthetic:copy,n=50") == lines("synthetic:copy,n=50")
+    assert lines("synthetic:copy,n=50") != lines("synthetic:copy,n=50,seed=1")
+    assert lines("synthetic:copy,n=50")[:20] == lines("synthetic:copy,n=20")
+
+
+@pytest.mark.parametrize("name, expected", [("copy", lambda s: s), ("reverse", lambda s: s[::-1])])
+def test_copy_and_reverse_lines(name, expected):
+    rows = lines(f"synthetic:{name},length=6,vocab=3,n=200")
+    assert len(rows) == 200
+    for row in rows:
+        context, answer = row.split("|")
+        assert len(context) == 6 and set(context) <= set("abc")
+        assert answer == expected(context)
+
+
+def test_recall_lines_ask_every_key_for_its_value():
+    for row in lines("synthetic:associative_recall,length=5,vocab=7,n=200"):
+        context, queries = row.split("|")
+        pairs = dict(zip(context[::2], context[1::2]))
+        assert len(pairs) == 5 and set(pairs) <= set("abcdefg") and set(pairs.values()) <= set("ABCDEFG")
+        assert sorted(queries[::2]) == sorted(pairs)
+        assert all(pairs[k] == v for k, v in zip(queries[::2], queries[1::2]))
+
+
+def test_heldout_examples_are_unseen_distinct_and_reproducible():
+    task = tasks.parse("synthetic:associative_recall,length=3,vocab=4,n=300")
+    held = task.heldout(50)
+    assert held == task.heldout(50)
+    contexts = [prompt.split("|")[0] for prompt, _ in held]
+    assert len(set(contexts)) == 50
+    assert not set(contexts) & {row.split("|")[0] for row in task.text().splitlines()}
+    for prompt, answer in held:
+        context, query = prompt.split("|")
+        assert dict(zip(context[::2], context[1::2]))[query] == answer
+
+
+def test_a_task_too_small_to_hold_out_says_so():
+    with pytest.raises(InputError, match="too few contexts"):
+        tasks.parse("synthetic:copy,length=2,vocab=2,n=100").heldout(10)
+
+
+def test_chance_is_uniform_guessing():
+    assert tasks.parse("synthetic:copy,length=3,vocab=4").chance() == pytest.approx(1 / 64)
+    assert tasks.parse("synthetic:associative_recall,vocab=10").chance() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("synthetic:cpy", "unknown task 'cpy' (did you mean 'copy'?)"),
+    ("synthetic:copy,lenght=4", "unknown option 'lenght' (did you mean 'length'?)"),
+    ("synthetic:copy,length=four", "length must be an integer"),
+    ("synthetic:copy,vocab=27", "vocab=27 must be in [2, 26]"),
+    ("synthetic:reverse,length=0", "length=0 must be positive"),
+    ("synthetic:associative_recall,length=9,vocab=8", "vocab must be at least"),
+])
+def test_bad_specs_name_the_problem(spec, message):
+    with pytest.raises(InputError) as err:
+        tasks.parse(spec)
+    assert message in str(err.value)
+
+
+def test_a_synthetic_spec_is_a_data_source():
+    corpus = resolve_source("synthetic:reverse,n=10")  # its commas and '?'-free form is no glob
+    assert b"".join(corpus.parts).decode() == tasks.parse("synthetic:reverse,n=10").text()
+    with pytest.raises(InputError, match="unknown task"):
+        resolve_source("synthetic:nope")
+
+
+class Copier(nn.Module):
+    """A stand-in model that copies the token `length` places back, replacing `flaw` by `to`."""
+
+    def __init__(self, tokenizer, length, flaw=None, to=None):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"block_size": 64})
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the scorer a device
+        self.vocab, self.length = tokenizer.vocab_size, length
+        self.swap = tokenizer.encode(flaw + to) if flaw else None
+
+    def forward(self, ids):
+        source = torch.roll(ids, self.length, dims=1)
+        if self.swap:
+            source = source.masked_fill(source == self.swap[0], self.swap[1])
+        return nn.functional.one_hot(source, self.vocab).float(), None
+
+
+def test_exact_match_counts_whole_answers():
+    task = tasks.parse("synthetic:copy,length=5,vocab=4,n=100")
+    tokenizer = CharTokenizer(task.text())
+    held = task.heldout(200)
+    assert tasks.exact_match(Copier(tokenizer, 5), tokenizer, held, batch_size=64) == 1.0
+    flawed = Copier(tokenizer, 5, flaw="a", to="b")
+    without_a = sum("a" not in answer for _, answer in held) / len(held)
+    assert 0 < without_a < 1
+    assert tasks.exact_match(flawed, tokenizer, held, batch_size=64) == pytest.approx(without_a)
+
+
+def test_examples_longer_than_the_window_are_refused():
+    task = tasks.parse("synthetic:copy,length=40,vocab=4,n=10")
+    tokenizer = CharTokenizer(task.text())
+    with pytest.raises(InputError, match="need 81 tokens of context"):
+        tasks.exact_match(Copier(tokenizer, 40), tokenizer, task.heldout(2))
+
+
+def test_exact_match_needs_prompts_of_one_length():
+    class Merging:  # a subword-like tokenizer: "ab" is one token
+        def encode(self, text):
+            return [0] * len(text.replace("ab", "X"))
+
+    model = Copier(CharTokenizer("ab|\n"), 2)
+    with pytest.raises(InputError, match="as many tokens long"):
+        tasks.exact_match(model, Merging(), [("ab|", "ab"), ("ba|", "ba")])
+
+
+TINY_COPY = "synthetic:copy,length=4,vocab=6,n=1000"
+
+
+def test_a_tiny_model_learns_to_copy_far_above_chance(tmp_path):
+    cfg = build_config(overrides=[
+        f"data.source={TINY_COPY}", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+        "model.block_size=32", "train.batch_size=16", "train.max_iters=600", "train.lr=5e-3",
+        "train.warmup_iters=10", "train.eval_interval=600", "train.eval_iters=2",
+        "train.threads=1"])
+    train(cfg, tmp_path / "run", quiet=True)
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--examples", "200", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["examples"] == 200 and report["chance"] == pytest.approx(6 ** -4)
+    assert report["exact_match"] >= 0.5  # chance is 0.08%
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, steps", [("configs/copy.yaml", 300),
+                                           ("configs/associative_recall.yaml", 0)])
+def test_recipes_reach_99_percent(tmp_path, recipe, steps):
+    from attnlm.config import load_config
+
+    cfg = load_config(recipe, [f"train.max_iters={steps}"] if steps else [])
+    train(cfg, tmp_path / "run", quiet=True)
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--examples", "1000", "--json"])
+    assert json.loads(result.stdout)["exact_match"] >= 0.99
