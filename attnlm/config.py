@@ -16,7 +16,7 @@ from attnlm.errors import ConfigError, InputError
 
 @dataclass
 class ModelConfig:
-    block_size: int = 128  # context length in tokens
+    block_size: int = 64  # context length in tokens
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -46,7 +46,7 @@ class TokenizerConfig:
 class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 1500
+    max_iters: int = 1000
     lr: float = 2e-3
     min_lr: float = 2e-4  # reached at lr_decay_iters by cosine decay
     warmup_iters: int = 100

@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from attnlm import checkpoint
 from attnlm.attention import BACKENDS
 from attnlm.cli import cli
+from attnlm.config import ModelConfig
 from attnlm.model import GPT
+from attnlm.positional import SCHEMES
 from attnlm.sampling import Controls, complete, decode_layout, generate
 from attnlm.train import train
 from tests.helpers import text_file, tiny_config
@@ -25,6 +27,15 @@ def backend_params():
     return [pytest.param(name, marks=pytest.mark.skipif(
         backend.cuda_only and not torch.cuda.is_available(), reason="needs CUDA"))
         for name, backend in BACKENDS.items()]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models gain nothing from threads, and a busy machine makes them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +77,19 @@ def test_cached_and_uncached_decoding_give_the_same_tokens(run_dir, backend, con
     n = 3 * BLOCK  # crosses the full window several times
     cached = tokens(model, prompt, n, controls, seed=7, rows=2)
     assert cached == tokens(model, prompt, n, controls, seed=7, rows=2, use_cache=False)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("pos", list(SCHEMES))
+def test_cached_and_uncached_agree_for_every_positional_scheme(backend, pos):
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, pos=pos, attention=backend)
+    model = GPT(cfg, 256).to("cuda" if BACKENDS[backend].cuda_only else "cpu").eval()
+    torch.nn.init.normal_(model.tok_emb.weight, std=1.0)  # spread the logits: no near-ties
+    for controls in (Controls(temperature=0), Controls(temperature=1.0)):
+        cached = tokens(model, SHORT[:3], 2 * BLOCK, controls, seed=3, rows=2)
+        assert cached == tokens(model, SHORT[:3], 2 * BLOCK, controls, seed=3, rows=2,
+                                use_cache=False)
 
 
 def test_rows_of_a_batch_are_independent_samples_and_a_seed_repeats_them(run_dir):
@@ -152,7 +176,10 @@ def test_end_of_text_token_ends_a_sample_unshown(run_dir):
 # The command line.
 
 def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    args = [str(a) for a in args]
+    if args[0] == "generate":
+        args[2:2] = ["--threads", "1"]  # as in one_thread; a later --threads wins
+    return CliRunner().invoke(cli, args)
 
 
 def test_cli_streams_the_same_text_with_and_without_the_cache(run_dir):

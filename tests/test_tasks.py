@@ -7,7 +7,7 @@ from torch import nn
 
 from attnlm import tasks
 from attnlm.cli import cli
-from attnlm.config import build_config
+from attnlm.config import build_config, load_config
 from attnlm.data import resolve_source
 from attnlm.errors import InputError
 from attnlm.tokenizer import CharTokenizer
@@ -154,13 +154,15 @@ def test_a_tiny_model_learns_to_copy_far_above_chance(tmp_path):
     assert report["exact_match"] >= 0.5  # chance is 0.08%
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe, steps", [("configs/copy.yaml", 300),
-                                           ("configs/associative_recall.yaml", 0)])
-def test_recipes_reach_99_percent(tmp_path, recipe, steps):
-    from attnlm.config import load_config
+@pytest.mark.parametrize("recipe", ["configs/copy.yaml", "configs/associative_recall.yaml"])
+def test_recipes_load_and_name_their_task(recipe):
+    cfg = load_config(recipe)
+    assert tasks.is_synthetic(cfg.data.source) and tasks.parse(cfg.data.source)
 
-    cfg = load_config(recipe, [f"train.max_iters={steps}"] if steps else [])
-    train(cfg, tmp_path / "run", quiet=True)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["configs/copy.yaml", "configs/associative_recall.yaml"])
+def test_recipes_reach_99_percent(tmp_path, recipe):
+    train(load_config(recipe), tmp_path / "run", quiet=True)
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--examples", "1000", "--json"])
     assert json.loads(result.stdout)["exact_match"] >= 0.99
