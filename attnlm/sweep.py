@@ -1,6 +1,7 @@
-"""Sweeps: many runs, one table. A row per run directory: the config values that differ between
-the runs gathered, the figures of its summary.json, and those of an eval.json beside it (the
-output of `attnlm eval RUN --json > RUN/eval.json`), prefixed `eval_`."""
+"""Sweeps: run directory names derived from overrides, and many runs gathered into one table.
+A row per run directory: the config values that differ between the runs gathered, the figures of
+its summary.json, and those of an eval.json beside it (the output of
+`attnlm eval RUN --json > RUN/eval.json`), prefixed `eval_`."""
 
 import csv
 import glob
