@@ -11,6 +11,11 @@ from attnlm.kv_cache import KVCache
 from attnlm.positional import Rotary, alibi_slopes, build_absolute
 
 
+def dropout(p):
+    # Identity when off: a decode step would otherwise pay 13 no-op dropout calls.
+    return nn.Dropout(p) if p else nn.Identity()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
@@ -25,10 +30,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(C, 2))
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # 3, B, H, T, D
+        q, k, v = qkv
         if self.rotary is not None:
             # Before the cache: each key is rotated once, at its absolute position, and kept so.
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
+            q, k = self.rotary(qkv[:2], pos)  # queries and keys in one pass
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos)
         y = self.attend(q, k, v, causal=True, scale=1.0 / math.sqrt(q.size(-1)),
@@ -54,7 +60,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = dropout(cfg.dropout)
 
     def forward(self, x, cache=None, pos=0):
         x = x + self.drop(self.attn(self.norm1(x), cache, pos))
@@ -67,7 +73,7 @@ class GPT(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
         self.pos_emb = build_absolute(cfg.pos, cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)

@@ -91,15 +91,46 @@ class Rotary(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, not {head_dim}")
         self.register_buffer("freqs", _frequencies(head_dim, base), persistent=False)
+        self._cos = self._sin = None  # tables over positions, grown on demand; see _tables
+
+    def _tables(self, end, device):
+        """cos and signed sin, (positions, D), over both halves: built once, not per call, since
+        each layer rotates queries and keys at every step."""
+        if self._cos is None or len(self._cos) < end or self._cos.device != device:
+            size = max(end, 2 * len(self._cos) if self._cos is not None else 0)
+            angles = torch.arange(size, device=device, dtype=torch.float32).unsqueeze(1) * self.freqs
+            cos, sin = angles.cos(), angles.sin()
+            self._cos, self._sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        return self._cos, self._sin
 
     def forward(self, x, start):
-        """x (B, H, T, D) at positions start .. start+T-1, rotated (in float32, returned in
-        x's dtype)."""
-        pos = torch.arange(start, start + x.size(-2), device=x.device, dtype=torch.float32)
-        angles = pos.unsqueeze(1) * self.freqs  # (T, D/2)
-        cos, sin = angles.cos(), angles.sin()
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """x (..., T, D) at positions start .. start+T-1, rotated in x's dtype."""
+        end = start + x.size(-2)
+        cos, sin = self._tables(end, x.device)
+        return _Rotate.apply(x, cos[start:end], sin[start:end])
+
+
+def _rotate(x, cos, sin):
+    """(x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin), with sin signed as (-sin, sin): the
+    swapped halves times the signed sin. In x's dtype: under autocast x is already rounded to
+    bfloat16 and will be again for the product with the keys; float32 would only add copies."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((x2, x1), -1) * sin.to(x.dtype)
+
+
+class _Rotate(torch.autograd.Function):
+    """A rotation whose gradient is the opposite rotation: four element-wise passes back instead
+    of autograd's dozen, and nothing saved but the tables."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
 def alibi_slopes(n_head):

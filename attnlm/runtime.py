@@ -29,3 +29,16 @@ def autocast(device, dtype_name):
     if dtype_name == "float16" and device.type != "cuda":
         raise InputError("train.dtype='float16' needs a CUDA device; use bfloat16 on the CPU")
     return torch.autocast(device.type, dtype=DTYPES[dtype_name])
+
+
+def slow_dtype_warning(device, dtype_name):
+    """A warning line when dtype_name would run slower than float32 on device, else None."""
+    if dtype_name != "bfloat16" or device.type != "cpu":
+        return None
+    try:  # whether oneDNN runs bfloat16 matrix products natively here
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+    if native:
+        return None
+    return "warning: this CPU has no bfloat16 instructions; train.dtype=float32 is likely faster"

@@ -19,7 +19,7 @@ from attnlm.data import BatchSampler, need_tokens, prepare_training
 from attnlm.errors import AttnlmError, InputError
 from attnlm.evaluate import split_loss
 from attnlm.model import GPT
-from attnlm.runtime import autocast, resolve_device, set_threads
+from attnlm.runtime import autocast, resolve_device, set_threads, slow_dtype_warning
 
 
 class Interrupted(AttnlmError):
@@ -119,6 +119,8 @@ def _train(cfg, out, resume, quiet, interrupt):
     device = resolve_device(t.device)
     check_backend(m.attention, device)
     amp = autocast(device, t.dtype)  # validates dtype against the device up front
+    if not quiet and (warning := slow_dtype_warning(device, t.dtype)):
+        print(warning, file=sys.stderr)
     torch.manual_seed(t.seed)
     ckpt = checkpoint.load(out / checkpoint.FILENAME) if resume else None
     tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"]) if ckpt else None

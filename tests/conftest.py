@@ -1,4 +1,12 @@
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Without CUDA the Triton kernels run in Triton's interpreter. Triton reads this when it is
+    # first imported, by whichever test (torch itself may import it), so it is set before all.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 SDPA, in outputs and in the gradients of q, k and v."""
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -175,11 +174,7 @@ def test_every_backend_is_registered():
 def triton_kernel():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("the optional triton package is not installed")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        # Triton reads this when it and the kernels are imported, and again lazily while they
-        # run, so it stays set for the rest of the session.
-        os.environ["TRITON_INTERPRET"] = "1"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: interpreted (conftest)
     from attnlm.attention import triton_kernel
 
     return triton_kernel, device

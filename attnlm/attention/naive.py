@@ -12,7 +12,7 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None):
         scores = scores + alibi_bias(alibi_slopes, q.size(-2), k.size(-2), causal).to(q.dtype)
     if causal:
         scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1)  # accumulates in float32 whatever the dtype
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     return probs @ v
