@@ -4,8 +4,9 @@ The model is the issue's reference shape: 6 layers, 6 heads, width 384, vocabula
 batch 1, float32, greedy; 1000 new tokens from a 16-token prompt, on 1 thread and on all of them.
 Prints JSON lines: one per run with tokens/s and percentiles of the time per token (the first
 token's includes the prompt's prefill), then one summary per thread count from the fastest run
-of each kind: the cached / uncached speed-up and, with --hf, attnlm / transformers. With --hf (needs `pip install transformers`, a benchmark-only extra),
-Hugging Face's GPT-2 of the same shape is timed in the same process as the reference.
+of each kind: the cached / uncached speed-up and, with --hf, attnlm / transformers. With --hf
+(needs transformers: pip install -e '.[bench]', a benchmark-only extra), Hugging Face's GPT-2 of
+the same shape is timed in the same process as the reference.
 
 On a shared machine, run it alone: flock /tmp/bench.lock python benchmarks/generate.py
 """

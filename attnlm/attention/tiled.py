@@ -43,7 +43,7 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, block_q=
         raise ValueError("the tiled attention backend does not support attention dropout")
     if q.size(-2) == 1:
         # One query, as in each cached decoding step: its scores are a single row, already linear
-        # in T, and tiling it would only add passes over the keys (6x slower per step).
+        # in T, and tiling it would only add passes over the keys.
         return naive.attend(q, k, v, causal=causal, scale=scale, alibi_slopes=alibi_slopes)
     default_q, default_k = DEFAULT_BLOCKS.get(q.device.type, DEFAULT_BLOCKS["cpu"])
     return TiledAttention.apply(q, k, v, causal, scale, alibi_slopes, block_q or default_q,
