@@ -66,5 +66,6 @@ def measure(args, overrides):
     emit(benchmark="train_shakespeare", **record)
     return record
 
+
 if __name__ == "__main__":
     main()

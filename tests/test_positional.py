@@ -57,6 +57,19 @@ def test_rope_matches_rotations_written_out_by_hand(base):
                                rtol=1e-5)
 
 
+def test_rope_gradient_is_autograds_of_the_rotation_by_hand():
+    # The hand-written backward (the opposite rotation) against autograd through rotate_by_hand;
+    # a second call after a longer one reads the grown tables.
+    rope = Rotary(8, 10000.0)
+    rope(randn(1, 1, 40, 8), 0)
+    x = randn(2, 3, 5, 8).requires_grad_()
+    weights = randn(2, 3, 5, 8)
+    (rope(x, 11) * weights).sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    (rotate_by_hand(reference, range(11, 16), 10000.0) * weights.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), reference.grad.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_rope_keeps_norms():
     x = randn(2, 4, 50, 16)
     rotated = Rotary(16, 10000.0)(x, 123)

@@ -7,6 +7,7 @@ import torch
 from attnlm import checkpoint
 from attnlm.config import build_config
 from attnlm.errors import AttnlmError, InputError
+from attnlm.runtime import slow_dtype_warning
 from attnlm.train import lr_at, resume_config, run_lock, train
 from tests.helpers import text_file, tiny_config
 
@@ -143,3 +144,13 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     assert [s for s, _ in big] == [s for s, _ in accum]
     assert [l for _, l in big] == pytest.approx([l for _, l in accum], rel=1e-4)
     assert big_val == pytest.approx(accum_val, rel=1e-4)
+
+
+def test_bfloat16_warning_only_on_a_cpu_without_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert "train.dtype=float32" in slow_dtype_warning(cpu, "bfloat16")
+    assert slow_dtype_warning(cpu, "float32") is None
+    assert slow_dtype_warning(cuda, "bfloat16") is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert slow_dtype_warning(cpu, "bfloat16") is None
