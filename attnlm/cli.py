@@ -176,7 +176,7 @@ def generate(run, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p
 
     from attnlm.checkpoint import load_model
     from attnlm.runtime import resolve_device, set_threads
-    from attnlm.sampling import Controls, complete, decode_layout
+    from attnlm.sampling import Controls, complete
 
     if threads < 0:
         raise InputError(f"--threads={threads} must not be negative")
@@ -196,8 +196,6 @@ def generate(run, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p
     stops = [_unescape(x) for x in stop] if stop else [s.stop]
     text = _prompt_text(prompt, prompt_file) if prompt is not None or prompt_file else s.prompt
     ids = _prompt_ids(tokenizer, text, cfg.model.block_size)
-    if next(model.parameters()).device.type == "cpu":
-        decode_layout(model)
 
     def show(row, piece):
         if row == 0 and not as_json:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnlm import native
 from attnlm.attention import get_backend
 from attnlm.kv_cache import KVCache
 from attnlm.positional import Rotary, alibi_slopes, build_absolute
@@ -16,12 +17,19 @@ def dropout(p):
     return nn.Dropout(p) if p else nn.Identity()
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row products (a decode step's) may run in attnlm.native's C kernel."""
+
+    def forward(self, x):
+        return native.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.n_head, self.layer = cfg.n_head, layer
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attend = get_backend(cfg.attention)
         self.attn_dropout = cfg.attn_dropout
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
@@ -37,17 +45,24 @@ class Attention(nn.Module):
             q, k = self.rotary(qkv[:2], pos)  # queries and keys in one pass
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos)
-        y = self.attend(q, k, v, causal=True, scale=1.0 / math.sqrt(q.size(-1)),
-                        dropout_p=self.attn_dropout if self.training else 0.0,
-                        alibi_slopes=self.alibi_slopes)
+        scale = 1.0 / math.sqrt(q.size(-1))
+        y = None
+        if cache is not None:
+            # A decode step's single query is one row of scores, the same for every backend
+            # (they differ in how they tile many): the C kernel takes it where it applies.
+            y = native.attend_one(q, k, v, scale, self.alibi_slopes)
+        if y is None:
+            y = self.attend(q, k, v, causal=True, scale=scale,
+                            dropout_p=self.attn_dropout if self.training else 0.0,
+                            alibi_slopes=self.alibi_slopes)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
@@ -76,7 +91,7 @@ class GPT(nn.Module):
         self.drop = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.head = Linear(cfg.n_embd, vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
         # GPT-2: scale residual projections so the residual stream's variance stays put with depth.

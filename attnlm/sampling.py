@@ -132,20 +132,6 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
         yield token
 
 
-def decode_layout(model):
-    """Store each block's weight matrices transposed in memory (same values, same shapes).
-
-    A decode step multiplies one vector by every matrix, so it is bound by reading the weights.
-    With W^T stored row by row (input-major, as GPT-2's Conv1D keeps it), torch's CPU BLAS
-    streams the matrix about 1.7x faster than with the (output, input) layout of nn.Linear
-    (measured on this project's AMD EPYC). Harmless for training and checkpoints.
-    """
-    for module in model.blocks.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data = module.weight.data.t().contiguous().t()
-    return model
-
-
 class IncrementalDecoder:
     """Turns one sample's token ids into text as they arrive, emitting only finished text: a
     character split across byte tokens is held until its last byte comes.

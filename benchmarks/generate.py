@@ -4,7 +4,8 @@ The model is the issue's reference shape: 6 layers, 6 heads, width 384, vocabula
 batch 1, float32, greedy; 1000 new tokens from a 16-token prompt, on 1 thread and on all of them.
 Prints JSON lines: one per run with tokens/s and percentiles of the time per token (the first
 token's includes the prompt's prefill), then one summary per thread count from the fastest run
-of each kind: the cached / uncached speed-up and, with --hf, attnlm / transformers. With --hf
+of each kind: the cached / uncached speed-up, attnlm with its C decode kernels (attnlm.native) /
+attnlm with torch's alone and, with --hf, attnlm / transformers. With --hf
 (needs transformers: pip install -e '.[bench]', a benchmark-only extra), Hugging Face's GPT-2 of
 the same shape is timed in the same process as the reference.
 
@@ -21,7 +22,8 @@ import torch
 
 from attnlm.config import ModelConfig
 from attnlm.model import GPT
-from attnlm.sampling import Controls, decode_layout, generate
+from attnlm import native
+from attnlm.sampling import Controls, generate
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=1024)
 VOCAB = 65
@@ -49,6 +51,19 @@ def summary(times, cpu_seconds):
             "tokens_per_s": round(len(times) / sum(times), 2),
             "p10_ms": round(at(0.1) * 1e3, 3), "p50_ms": round(at(0.5) * 1e3, 3),
             "p90_ms": round(at(0.9) * 1e3, 3), "p90_over_p10": round(at(0.9) / at(0.1), 3)}
+
+
+def without_native(run):
+    """run, with attnlm.native's kernels off while it runs."""
+    def wrapped(*args):
+        os.environ["ATTNLM_NATIVE"] = "0"
+        native.library.cache_clear()
+        try:
+            return run(*args)
+        finally:
+            del os.environ["ATTNLM_NATIVE"]
+            native.library.cache_clear()
+    return wrapped
 
 
 def attnlm_times(model, prompt, new_tokens, use_cache):
@@ -92,8 +107,6 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", default="1,all", help="comma-separated counts; all = every core")
     parser.add_argument("--paths", default="cached,uncached", help="cached, uncached or both")
-    parser.add_argument("--default-layout", action="store_true",
-                        help="keep torch's weight layout (skip sampling.decode_layout)")
     parser.add_argument("--hf", action="store_true", help="also time transformers' GPT-2")
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--repeats", type=int, default=3,
@@ -102,15 +115,16 @@ def main():
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SHAPE, attention=args.attention), VOCAB).eval()
-    if not args.default_layout:
-        decode_layout(model)
     prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
     runners = {"attnlm": lambda use_cache, n: attnlm_times(model, prompt, n, use_cache)}
+    built = native.library() is not None
+    if built:
+        runners["attnlm-torch"] = without_native(runners["attnlm"])
     if args.hf:
         reference = hf_model()
         runners["hf-gpt2"] = lambda use_cache, n: hf_times(reference, prompt, n, use_cache)
     base = {"bench": "generate", **machine(), **SHAPE, "vocab": VOCAB, "batch": 1, "dtype": "float32",
-            "attention": args.attention, "layout": "default" if args.default_layout else "decode",
+            "attention": args.attention, "native_kernels": built,
             "prompt_tokens": args.prompt_tokens}
     paths = args.paths.split(",")
     for threads in args.threads.split(","):
@@ -119,11 +133,14 @@ def main():
         best = {}  # (impl, path) -> the fastest run's figures
         for path in paths:
             use_cache = path == "cached"
-            for impl, run in runners.items():
+            # Uncached steps read whole windows: too many rows for the C kernels, and slow.
+            timed = {impl: run for impl, run in runners.items()
+                     if use_cache or impl != "attnlm-torch"}
+            for impl, run in timed.items():
                 run(use_cache, 32)  # warm-up: allocator, lazy initialisation
             # Runs of the implementations alternate, so that a neighbour's load falls on both.
             for _ in range(args.repeats if use_cache else 1):
-                for impl, run in runners.items():
+                for impl, run in timed.items():
                     cpu = time.process_time()
                     times = run(use_cache, args.new_tokens)
                     result = summary(times, time.process_time() - cpu)
@@ -136,8 +153,9 @@ def main():
         for impl in runners:
             if (impl, "cached") in speed and (impl, "uncached") in speed:
                 ratios[f"{impl}_cached_over_uncached"] = speed[impl, "cached"] / speed[impl, "uncached"]
-        if ("hf-gpt2", "cached") in speed:
-            ratios["attnlm_over_hf_cached"] = speed["attnlm", "cached"] / speed["hf-gpt2", "cached"]
+        for other, name in (("attnlm-torch", "native_over_torch"), ("hf-gpt2", "attnlm_over_hf")):
+            if (other, "cached") in speed:
+                ratios[f"{name}_cached"] = speed["attnlm", "cached"] / speed[other, "cached"]
         print(json.dumps({**base, "threads": threads, "summary": "fastest run of each",
                           **{f"{impl}_{path}_tokens_per_s": v for (impl, path), v in speed.items()},
                           "attnlm_cached_p90_over_p10": best.get(("attnlm", "cached"), {}).get("p90_over_p10"),

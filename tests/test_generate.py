@@ -14,7 +14,7 @@ from attnlm.cli import cli
 from attnlm.config import ModelConfig
 from attnlm.model import GPT
 from attnlm.positional import SCHEMES
-from attnlm.sampling import Controls, complete, decode_layout, generate
+from attnlm.sampling import Controls, complete, generate
 from attnlm.train import train
 from tests.helpers import text_file, tiny_config
 
@@ -137,12 +137,6 @@ def test_the_window_policy_and_repetition_penalty_against_a_plain_loop(run_dir, 
     n = 3 * BLOCK
     controls = Controls(temperature=0, repetition_penalty=penalty)
     assert tokens(model, prompt, n, controls) == [reference_greedy(model, prompt, n, penalty)]
-
-
-def test_decode_layout_changes_no_result(run_dir):
-    model, _ = load(run_dir, "sdpa")
-    before = tokens(model, SHORT, 20, Controls(), seed=3)
-    assert tokens(decode_layout(model), SHORT, 20, Controls(), seed=3) == before
 
 
 def test_the_cache_is_allocated_once_and_each_step_is_one_forward_for_all_rows(run_dir):
