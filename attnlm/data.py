@@ -250,23 +250,30 @@ def encode_ranges(corpus, tokenizer, ranges, directory, progress=False):
 class Split:
     tokens: torch.Tensor  # 1-D, memory-mapped, small unsigned integers
     n_bytes: int  # UTF-8 bytes of the text it encodes (for bits per byte)
+    starts: torch.Tensor | None = None  # offsets a training window may start at; None: any
 
     def __len__(self):
         return len(self.tokens)
 
 
 class BatchSampler:
-    """Random windows of block_size + 1 tokens; x is a window, y the same shifted by one."""
+    """Random windows of block_size + 1 tokens; x is a window, y the same shifted by one. They
+    start anywhere, or only at the split's `starts` where it has them."""
 
     def __init__(self, split, block_size, batch_size, seed, device="cpu"):
         self.tokens, self.block_size, self.batch_size = split.tokens, block_size, batch_size
+        self.starts = split.starts
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.window = torch.arange(block_size + 1)
 
     def next(self):
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size, 1),
-                               generator=self.generator)
+        if self.starts is None:
+            starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size, 1),
+                                   generator=self.generator)
+        else:
+            pick = torch.randint(len(self.starts), (self.batch_size,), generator=self.generator)
+            starts = self.starts[pick].unsqueeze(1)
         chunk = self.tokens[starts + self.window].long()
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
@@ -317,7 +324,23 @@ def prepare_training(cfg, tokenizer=None, progress=False):
         tokenizer = train_tokenizer(cfg.tokenizer, iter_text(corpus, 0, end))
     splits = encode_ranges(corpus, tokenizer, {"train": (0, cut), "val": (cut, total)},
                            cache_dir(cfg.data.cache_dir), progress)
+    if cfg.data.source.startswith("synthetic:"):
+        # One example a line: a window cut inside one would train on answers whose question
+        # it lost (and teach guessing), so windows start where examples do, at the newline
+        # before one, as exact-match prompts do (tasks.START).
+        newline = tokenizer.encode("\n")
+        if len(newline) == 1:  # chars or bytes, as exact match needs
+            for split in splits.values():
+                split.starts = line_starts(split.tokens, newline[0], cfg.model.block_size)
     return tokenizer, splits
+
+
+def line_starts(tokens, newline, block_size):
+    """Offsets of the newline tokens where a window of block_size + 1 tokens fits; None if
+    there is none."""
+    starts = (tokens == newline).nonzero().flatten()
+    starts = starts[starts < len(tokens) - block_size]
+    return starts if len(starts) else None
 
 
 def prepare_source(spec, tokenizer, configured_cache="", progress=False):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 from attnlm import tasks
 from attnlm.cli import cli
 from attnlm.config import build_config, load_config
-from attnlm.data import resolve_source
+from attnlm.data import BatchSampler, Split, prepare_training, resolve_source
 from attnlm.errors import InputError
 from attnlm.tokenizer import CharTokenizer
 from attnlm.train import train
@@ -90,6 +91,22 @@ def test_a_synthetic_spec_is_a_data_source():
     assert b"".join(corpus.parts).decode() == tasks.parse("synthetic:reverse,n=10").text()
     with pytest.raises(InputError, match="unknown task"):
         resolve_source("synthetic:nope")
+
+
+def test_training_windows_start_where_examples_do(tmp_path):
+    spec = "synthetic:copy,length=5,vocab=4,n=300"
+    cfg = build_config(overrides=[f"data.source={spec}", "model.block_size=20",
+                                  f"data.cache_dir={tmp_path}"])
+    tokenizer, splits = prepare_training(cfg)
+    example = re.compile(r"\n[abcd]{5}\|[abcd]{5}\n")  # as an exact-match prompt starts
+    for name, split in splits.items():
+        sampler = BatchSampler(split, 20, 64, seed=0)
+        for _ in range(5):
+            x, y = sampler.next()
+            for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+                assert example.match(tokenizer.decode(row)), (name, tokenizer.decode(row))
+    lines = BatchSampler(Split(splits["train"].tokens, 0), 20, 512, seed=0).next()[0][:, 0]
+    assert (lines == tokenizer.encode("|")[0]).any()  # text sources: windows start anywhere
 
 
 class Copier(nn.Module):
