@@ -47,7 +47,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v, pos)
         scale = 1.0 / math.sqrt(q.size(-1))
         y = None
-        if cache is not None:
+        if cache is not None and not self.training:  # (the kernel has no dropout)
             # A decode step's single query is one row of scores, the same for every backend
             # (they differ in how they tile many): the C kernel takes it where it applies.
             y = native.attend_one(q, k, v, scale, self.alibi_slopes)

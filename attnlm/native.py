@@ -31,11 +31,13 @@ FLAG_SETS = (["-march=native"], [])  # for this CPU's vector width; plain where 
 
 def _cpu():
     """What -march=native depends on, so that a cache shared by machines keeps one build each."""
+    described = platform.machine() + platform.processor()
     try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(line for line in f if line.startswith(("model name", "flags")))
+        with open("/proc/cpuinfo") as f:  # Linux; x86 names flags, ARM features and parts
+            return described + "".join(line for line in f if line.startswith(
+                ("model name", "flags", "Features", "CPU implementer", "CPU part")))
     except OSError:
-        return platform.machine() + platform.processor()
+        return described
 
 
 def _build(compiler, flags, directory):
@@ -53,6 +55,8 @@ def _build(compiler, flags, directory):
             os.replace(partial, path)  # whole or absent: runs in parallel may build at once
         finally:
             Path(partial).unlink(missing_ok=True)
+    if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+        raise OSError(f"{path} belongs to another user")  # never load code someone else wrote
     return ctypes.CDLL(str(path))
 
 
@@ -77,10 +81,12 @@ def library():
 
 
 def _fits(*tensors):
-    """float32 CPU tensors that autograd would not record (None stands for an absent bias)."""
+    """float32 CPU tensors that autograd would not record nor autocast convert (None stands for
+    an absent bias)."""
     present = [t for t in tensors if t is not None]
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in present)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present)))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _ptr(t):
@@ -96,9 +102,9 @@ def linear(x, weight, bias=None):
     if lib is None:
         return F.linear(x, weight, bias)
     x = x.contiguous()
+    bias = bias.contiguous() if bias is not None else None  # kept alive through the call
     out = x.new_empty(*x.shape[:-1], weight.size(0))
-    lib.linear(_ptr(x), _ptr(weight), _ptr(bias.contiguous() if bias is not None else None),
-               _ptr(out), rows, weight.size(1), weight.size(0))
+    lib.linear(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out), rows, weight.size(1), weight.size(0))
     return out
 
 

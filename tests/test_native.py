@@ -54,22 +54,29 @@ def test_linear_equals_a_float64_product(lib, torch_only, n_in, n_out, rows, wit
     torch.testing.assert_close(out, reference_linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_reads_a_strided_input(lib, torch_only):
-    weight = torch.randn(6, 4)
+def test_linear_reads_strided_inputs_and_biases(lib, torch_only):
+    weight = torch.randn(300, 4)
     x = torch.randn(4, 2).T  # (2, 4), not contiguous
-    with torch.no_grad():
-        torch.testing.assert_close(native.linear(x, weight), reference_linear(x, weight, None))
+    for bias in torch.randn(600)[::2], torch.randn(1).expand(300):  # a copy is made for the call
+        with torch.no_grad():
+            torch.testing.assert_close(native.linear(x, weight, bias), reference_linear(x, weight, bias))
 
 
-@pytest.mark.parametrize("case", ["many rows", "autograd", "float64", "transposed weight"])
-def test_linear_leaves_to_torch_what_the_kernel_does_not_fit(lib, case):
+@pytest.mark.parametrize("case", ["many rows", "autograd", "float64", "transposed weight", "autocast"])
+def test_linear_leaves_to_torch_what_the_kernel_does_not_fit(lib, monkeypatch, case):
+    calls = []
+    monkeypatch.setattr(native, "F", types.SimpleNamespace(
+        linear=lambda *args: calls.append(args) or F.linear(*args)))
     weight = torch.randn(8, 5, dtype=torch.float64 if case == "float64" else torch.float32)
     if case == "transposed weight":
         weight = torch.randn(5, 8).T
     weight.requires_grad_(case == "autograd")
     x = torch.randn(native.MAX_ROWS + 1 if case == "many rows" else 1, 5, dtype=weight.dtype)
-    out = native.linear(x, weight)
-    torch.testing.assert_close(out, F.linear(x, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        out = native.linear(x, weight)
+        expected = F.linear(x, weight)
+    assert len(calls) == 1 and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected)
     if case == "autograd":
         out.sum().backward()
         torch.testing.assert_close(weight.grad, x.sum(0).expand(8, 5))

@@ -9,7 +9,7 @@ from torch import nn
 from attnlm import tasks
 from attnlm.cli import cli
 from attnlm.config import build_config, load_config
-from attnlm.data import BatchSampler, Split, prepare_training, resolve_source
+from attnlm.data import BatchSampler, Split, line_starts, prepare_training, resolve_source
 from attnlm.errors import InputError
 from attnlm.tokenizer import CharTokenizer
 from attnlm.train import train
@@ -107,6 +107,13 @@ def test_training_windows_start_where_examples_do(tmp_path):
                 assert example.match(tokenizer.decode(row)), (name, tokenizer.decode(row))
     lines = BatchSampler(Split(splits["train"].tokens, 0), 20, 512, seed=0).next()[0][:, 0]
     assert (lines == tokenizer.encode("|")[0]).any()  # text sources: windows start anywhere
+
+
+def test_line_starts_are_the_newlines_a_whole_window_follows():
+    tokens = torch.tensor([0, 1, 1, 1, 1, 1, 0, 0, 1, 1])  # newline: 0
+    assert line_starts(tokens, 0, block_size=3).tolist() == [0, 6]  # 7 + 4 tokens overrun
+    assert line_starts(tokens, 0, block_size=9).tolist() == [0]
+    assert line_starts(tokens, 0, block_size=10) is None
 
 
 class Copier(nn.Module):
