@@ -8,7 +8,8 @@ sum reads 23.4; the loop in native.c, compiled for the machine at hand, reads 19
 but within a decode step it spares SDPA's per-call work and keeps the time per token flatter.
 
 They serve only what they fit: float32 on the CPU, at most MAX_ROWS rows, nothing that autograd
-records. Everything else, and everything on a machine without a C compiler, stays with torch.
+records or autocast converts. Everything else, and everything on a machine without a C
+compiler, stays with torch.
 ATTNLM_NATIVE=0 turns them off (to compare, or to rule them out).
 """
 
