@@ -20,9 +20,9 @@ import time
 
 import torch
 
+from attnlm import native
 from attnlm.config import ModelConfig
 from attnlm.model import GPT
-from attnlm import native
 from attnlm.sampling import Controls, generate
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=1024)
