@@ -1,0 +1,89 @@
+"""Writing files so that nothing is lost: whole or absent, never half-written.
+
+Every file attnlm writes goes to a temporary file beside its destination, named
+`.NAME.tmp-PID`, is flushed to disk, then renamed over the destination. A crash at any moment
+leaves the old file or the new one, whole; a failure removes the temporary file. A process
+killed outright (kill -9, power loss) cannot remove its own, so `remove_stale_temps` lets the
+next run clear what a dead writer left.
+"""
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def temp_path(path):
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems cannot open a folder; the rename still happened
+        return
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb", encoding=None):
+    """A file object whose contents replace `path` only if the block finishes without error."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path, data):
+    """Replace `path` with `data` (str as UTF-8, or bytes), whole or not at all."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(directory, every=False):
+    """Remove the temporary files that writers killed outright left in `directory`: those of
+    processes no longer running, or all of them with `every` (for a folder only this process
+    writes, such as a locked run directory). Returns the paths removed."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP.match(entry.name)
+        if not match or not entry.is_file():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or (not every and _alive(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
