@@ -138,6 +138,29 @@ def source_parts(spec):
 START = "\n"  # every training example follows a newline, so a held-out prompt does too
 
 
+def example_starts(tokens, tokenizer):
+    """Where training windows start in a task's tokens: at the newline before each example, as
+    exact-match prompts do (START). A window cut inside an example would train on answers whose
+    question it lost, and teach guessing. None (windows start anywhere) where a newline is not
+    one token, which exact match needs anyway."""
+    newline = tokenizer.encode(START)
+    return (tokens == newline[0]).nonzero().flatten() if len(newline) == 1 else None
+
+
+def _context_needed(prompt_tokens, answer_tokens):
+    return prompt_tokens + answer_tokens - 1  # the last answer token is predicted, never read
+
+
+def check_fits(spec, block_size):
+    """InputError unless a held-out example of the task (START, prompt and answer, one token a
+    character as with the chars and bytes tokenizers) fits in block_size tokens of context."""
+    _, prompt, answer, _ = parse(spec).example(random.Random(0))
+    needed = _context_needed(len(START + prompt), len(answer))
+    if needed > block_size:
+        raise InputError(f"data.source={spec!r}: an example needs {needed} tokens of context; "
+                         f"model.block_size={block_size} is too small")
+
+
 @torch.no_grad()
 def exact_match(model, tokenizer, examples, batch_size=256):
     """Fraction of (prompt, answer) examples whose answer greedy decoding produces from the prompt
@@ -149,7 +172,7 @@ def exact_match(model, tokenizer, examples, batch_size=256):
         raise InputError("exact match needs every prompt of a task to be as many tokens long; "
                          "use tokenizer.kind=chars or bytes")
     prompts, answers = torch.tensor(prompts, device=device), torch.tensor(answers, device=device)
-    needed = prompts.size(1) + answers.size(1) - 1
+    needed = _context_needed(prompts.size(1), answers.size(1))
     if needed > model.cfg.block_size:
         raise InputError(f"this task's examples need {needed} tokens of context; the model's "
                          f"block_size is {model.cfg.block_size}")

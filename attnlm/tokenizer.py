@@ -9,12 +9,12 @@ import base64
 import binascii
 import io
 import json
-import re
 from pathlib import Path
 
 import sentencepiece
 
 from attnlm.errors import InputError
+from attnlm.files import atomic_write
 
 
 class ByteTokenizer:
@@ -79,8 +79,10 @@ class SentencePieceTokenizer:
     SentencePiece normally rewrites text (Unicode normalization, merged spaces, a leading space
     added); attnlm trains without any of that and with byte fallback, so a character outside the
     vocabulary becomes its UTF-8 byte pieces. Lines are training sentences, so no piece holds a
-    newline: a newline is always its own byte piece. One ambiguity is left: SentencePiece writes
-    a space as U+2581 ('▁') and would read a literal U+2581 back as a space, so encode() writes
+    newline: a newline is always its own byte piece. A line longer than MAX_LINE characters is cut
+    every MAX_LINE characters from its start, in training and encoding alike, and no piece spans
+    such a cut either (see `independent_chunks`). One ambiguity is left: SentencePiece writes a
+    space as U+2581 ('▁') and would read a literal U+2581 back as a space, so encode() writes
     that character as its three byte pieces.
     """
 
@@ -94,10 +96,8 @@ class SentencePieceTokenizer:
         except RuntimeError:
             raise InputError(f"{name} is not a SentencePiece model") from None
         self.vocab_size = self.sp.get_piece_size()
-        self.separator_ids = {
-            "\n": self.sp.encode("\n"),
-            SPACE_MARK: [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")],
-        }
+        self.newline_ids = self.sp.encode("\n")
+        self.space_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
         if self.decode(self.encode(self.PROBE)) != self.PROBE:
             raise InputError(
                 f"{name} does not round-trip text exactly; attnlm needs a model trained with "
@@ -131,15 +131,21 @@ class SentencePieceTokenizer:
             raise InputError(f"cannot read tokenizer.model_file={str(path)!r}: {err.strerror}") from None
 
     def encode(self, text):
-        # Each line is encoded on its own, so a text's ids are those of its lines however the
-        # text is cut into chunks. (Unigram breaks ties between equally likely splits by float
-        # rounding, which the text before a line would otherwise sway.)
-        parts = re.split(f"(\n|{SPACE_MARK})", text)  # text, separator, text, ..., text
+        # Each line (each MAX_LINE cut of a long one) is encoded on its own, so a text's ids are
+        # those of its lines however the text is cut into chunks. (Unigram breaks ties between
+        # equally likely splits by float rounding, which the text before would otherwise sway.)
+        pieces, before = [], []  # the pieces SentencePiece encodes; the ids that precede each
+        for n, line in enumerate(text.split("\n")):
+            for cut in range(0, max(len(line), 1), MAX_LINE):
+                glue = self.newline_ids if n and not cut else []  # nothing before a cut
+                for piece in line[cut : cut + MAX_LINE].split(SPACE_MARK):
+                    pieces.append(piece)
+                    before.append(glue)
+                    glue = self.space_mark_ids
         ids = []
-        for i, part_ids in enumerate(self.sp.encode(parts[0::2])):
-            if i:
-                ids += self.separator_ids[parts[2 * i - 1]]
-            ids += part_ids
+        for prefix, piece_ids in zip(before, self.sp.encode(pieces)):
+            ids += prefix
+            ids += piece_ids
         return ids
 
     def decode(self, ids):
@@ -155,25 +161,38 @@ SAMPLE_LINES = 300_000  # lines drawn at random from the training text to train 
 MAX_LINE = 1000  # characters; longer lines are cut (SentencePiece skips sentences over 4192 bytes)
 
 
+def independent_chunks(texts):
+    """A stream of text chunks re-cut where no token of any tokenizer here spans: after a newline,
+    or at a MAX_LINE cut of a long line. Encoding these one by one gives the ids of the whole
+    text, and a line with no end in sight never sits whole in memory."""
+    carry = ""  # the start of a line, or of its latest MAX_LINE cut
+    for text in texts:
+        text = carry + text
+        cut = text.rfind("\n") + 1
+        cut += (len(text) - cut) // MAX_LINE * MAX_LINE  # whole cuts of the unfinished line
+        if cut:
+            yield text[:cut]
+        carry = text[cut:]
+    if carry:
+        yield carry
+
+
 def _sentences(texts):
     """The lines of a stream of text chunks, without their newlines, long ones cut."""
-    carry = ""
-    for text in texts:
-        *lines, carry = (carry + text).split("\n")
-        for line in lines:
-            yield from _cut(line)
-        while len(carry) > MAX_LINE:  # a line with no end in sight never sits whole in memory
-            yield carry[:MAX_LINE]
-            carry = carry[MAX_LINE:]
-    yield from _cut(carry)
-
-
-def _cut(line):
-    return (line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE))
+    for chunk in independent_chunks(texts):
+        for line in chunk.split("\n"):
+            yield from (line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE))
 
 
 KINDS = ("bytes", "chars", "bpe", "unigram")
 SENTENCEPIECE_KINDS = ("bpe", "unigram")
+
+
+def learning_end(kind, train_end, total):
+    """Where the text a tokenizer learns from ends: a subword tokenizer learns from the train
+    split alone (train_end), so that val is text it has not seen; a character vocabulary covers
+    the whole source (total), so that val holds no character it cannot encode."""
+    return total if kind == "chars" else train_end
 
 
 def train_tokenizer(cfg, texts):
@@ -205,10 +224,9 @@ def from_state(state):
 def save(tokenizer, path):
     """The state as JSON at path; a SentencePiece model also as a .model file beside it, which
     other tools (and tokenizer.model_file) read."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(tokenizer.state(), f, ensure_ascii=False)
+    atomic_write(path, json.dumps(tokenizer.state(), ensure_ascii=False))
     if isinstance(tokenizer, SentencePieceTokenizer):
-        Path(path).with_suffix(".model").write_bytes(tokenizer.model_proto)
+        atomic_write(Path(path).with_suffix(".model"), tokenizer.model_proto)
 
 
 def load(path):

@@ -18,3 +18,10 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
 
 def tiny_config(source, *overrides):
     return build_config(overrides=[f"data.source={source}", *TINY, *overrides])
+
+
+def write(path, text):
+    """A file at path (its folders made) holding text (str as UTF-8, or bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return path

@@ -7,10 +7,13 @@ from click.testing import CliRunner
 from torch import nn
 
 from attnlm import tasks
+from attnlm.checkpoint import load_model
 from attnlm.cli import cli
 from attnlm.config import build_config, load_config
-from attnlm.data import BatchSampler, Split, line_starts, prepare_training, resolve_source
+from attnlm.batches import BatchSampler, Split, window_starts
+from attnlm.data import prepare_training, resolve_source
 from attnlm.errors import InputError
+from attnlm.evaluate import split_loss
 from attnlm.tokenizer import CharTokenizer
 from attnlm.train import train
 
@@ -109,11 +112,48 @@ def test_training_windows_start_where_examples_do(tmp_path):
     assert (lines == tokenizer.encode("|")[0]).any()  # text sources: windows start anywhere
 
 
-def test_line_starts_are_the_newlines_a_whole_window_follows():
-    tokens = torch.tensor([0, 1, 1, 1, 1, 1, 0, 0, 1, 1])  # newline: 0
-    assert line_starts(tokens, 0, block_size=3).tolist() == [0, 6]  # 7 + 4 tokens overrun
-    assert line_starts(tokens, 0, block_size=9).tolist() == [0]
-    assert line_starts(tokens, 0, block_size=10) is None
+def test_windows_start_at_the_newlines_a_whole_window_follows():
+    tokenizer = CharTokenizer("\nab")  # newline: 0
+    tokens = torch.tensor(tokenizer.encode("\naaaaa\n\nbb"))
+    split = Split(tokens, len(tokens), tasks.example_starts(tokens, tokenizer))
+    assert split.starts.tolist() == [0, 6, 7]
+    assert window_starts(split, block_size=3).tolist() == [0, 6]  # 7 + 4 tokens overrun
+    assert window_starts(split, block_size=9).tolist() == [0]
+    with pytest.raises(InputError, match="no example followed by 11 tokens"):
+        window_starts(split, block_size=10)
+
+
+def test_a_task_that_cannot_fit_the_window_is_refused_before_training(tmp_path):
+    result = CliRunner().invoke(cli, [
+        "train", "--out", str(tmp_path / "run"), "--set", "data.source=synthetic:copy,length=40",
+        "--set", "model.block_size=64", "--set", "train.max_iters=1"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: data.source='synthetic:copy,length=40': an example "
+                                     "needs 81 tokens of context; model.block_size=64 is too small")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # read before the last answer symbol: copy \n, 40 symbols, |, 39; recall \n, 8 pairs, |, a key
+    for spec, needed in [("synthetic:copy,length=40", 81), ("synthetic:associative_recall", 19)]:
+        tasks.check_fits(spec, needed)
+        with pytest.raises(InputError, match=f"needs {needed} tokens"):
+            tasks.check_fits(spec, needed - 1)
+
+
+def test_eval_reports_the_val_loss_training_reported(tmp_path):
+    """One val loss for a run: eval over the whole split (a window at every example) agrees with
+    training's sampled estimate; windows starting mid-line (the old eval) give another number."""
+    cfg = build_config(overrides=[
+        f"data.source={TINY_COPY}", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+        "model.block_size=32", "train.batch_size=16", "train.max_iters=100", "train.lr=5e-3",
+        "train.warmup_iters=10", "train.eval_interval=100", "train.eval_iters=20",
+        "train.threads=1"])
+    trained = train(cfg, tmp_path / "run", quiet=True)["val_loss"]
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--examples", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["loss"] == pytest.approx(trained, abs=0.05)
+    model, tokenizer, _, _ = load_model(tmp_path / "run", torch.device("cpu"))
+    val = prepare_training(cfg, tokenizer)[1]["val"]
+    anywhere = split_loss(model, Split(val.tokens, val.n_bytes), 32, 16, "cpu")
+    assert anywhere > trained + 0.5  # what this test tells apart
 
 
 class Copier(nn.Module):
