@@ -1,10 +1,12 @@
-import glob
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from attnlm.config import RunConfig, build_config, dump_yaml, from_dict, load_config, to_dict
 from attnlm.errors import ConfigError
+from attnlm.model import GPT
 
 
 def test_defaults_validate():
@@ -78,8 +80,18 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     assert from_dict(to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
-def test_every_shipped_config_loads_and_validates(path):
+RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))  # wherever pytest runs
+
+
+def test_the_shipped_recipes_are_found():
+    assert {p.stem for p in RECIPES} >= {"copy", "associative_recall", "shakespeare_char"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_config_loads_and_builds_its_model(path):
     with open(path) as f:
         assert isinstance(yaml.safe_load(f), dict)
-    load_config(path)
+    cfg = load_config(path)
+    model = GPT(cfg.model, vocab_size=50)
+    logits, _ = model(torch.zeros(1, cfg.model.block_size, dtype=torch.long))
+    assert logits.shape == (1, cfg.model.block_size, 50)

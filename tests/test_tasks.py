@@ -205,17 +205,20 @@ TINY_COPY = "synthetic:copy,length=4,vocab=6,n=1000"
 
 
 def test_a_tiny_model_learns_to_copy_far_above_chance(tmp_path):
+    # Wide enough that the copying head forms early: on seeds 0-4 and 1337, 1 and 2 threads,
+    # exact match reached 0.9 by step 50-60 and stayed 1.0 to 200 (Intel Xeon with AMX). A
+    # narrower model (n_embd=32) sat at 0% for 600 steps on some CPUs and seeds, then jumped.
     cfg = build_config(overrides=[
-        f"data.source={TINY_COPY}", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=32", "train.batch_size=16", "train.max_iters=600", "train.lr=5e-3",
-        "train.warmup_iters=10", "train.eval_interval=600", "train.eval_iters=2",
+        f"data.source={TINY_COPY}", "model.n_layer=2", "model.n_head=4", "model.n_embd=128",
+        "model.block_size=32", "train.batch_size=16", "train.max_iters=200", "train.lr=1e-3",
+        "train.warmup_iters=50", "train.eval_interval=200", "train.eval_iters=2",
         "train.threads=1"])
     train(cfg, tmp_path / "run", quiet=True)
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--examples", "200", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["examples"] == 200 and report["chance"] == pytest.approx(6 ** -4)
-    assert report["exact_match"] >= 0.5  # chance is 0.08%
+    assert report["exact_match"] >= 0.9  # chance is 0.08%
 
 
 @pytest.mark.parametrize("recipe", ["configs/copy.yaml", "configs/associative_recall.yaml"])
