@@ -155,7 +155,7 @@ def _prompt_ids(tokenizer, text, block_size):
                    "for comparison). Produces the same text.")
 @click.option("--compile", "compile_steps", is_flag=True,
               help="Run the model under torch.compile: about 1.25x the tokens/s once compiled, "
-                   "after 10-60 s of compiling before the first token; pays for long generations "
+                   "after 5-40 s of compiling before the first token; pays for long generations "
                    "(over some 10,000 tokens on a CPU). Produces the same text.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--threads", type=int, default=0, show_default=True,
