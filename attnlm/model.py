@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnlm import native
 from attnlm.attention import get_backend
 from attnlm.kv_cache import KVCache
 from attnlm.positional import Rotary, alibi_slopes, build_absolute
@@ -17,19 +16,12 @@ def dropout(p):
     return nn.Dropout(p) if p else nn.Identity()
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose few-row products (a decode step's) may run in attnlm.native's C kernel."""
-
-    def forward(self, x):
-        return native.linear(x, self.weight, self.bias)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.n_head, self.layer = cfg.n_head, layer
-        self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attend = get_backend(cfg.attention)
         self.attn_dropout = cfg.attn_dropout
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
@@ -44,25 +36,18 @@ class Attention(nn.Module):
             # Before the cache: each key is rotated once, at its absolute position, and kept so.
             q, k = self.rotary(qkv[:2], pos)  # queries and keys in one pass
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, pos)
-        scale = 1.0 / math.sqrt(q.size(-1))
-        y = None
-        if cache is not None and not self.training:  # (the kernel has no dropout)
-            # A decode step's single query is one row of scores, the same for every backend
-            # (they differ in how they tile many): the C kernel takes it where it applies.
-            y = native.attend_one(q, k, v, scale, self.alibi_slopes)
-        if y is None:
-            y = self.attend(q, k, v, causal=True, scale=scale,
-                            dropout_p=self.attn_dropout if self.training else 0.0,
-                            alibi_slopes=self.alibi_slopes)
+            k, v = cache.update(self.layer, k, v)
+        y = self.attend(q, k, v, causal=True, scale=1.0 / math.sqrt(q.size(-1)),
+                        dropout_p=self.attn_dropout if self.training else 0.0,
+                        alibi_slopes=self.alibi_slopes)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
@@ -91,7 +76,7 @@ class GPT(nn.Module):
         self.drop = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.head = Linear(cfg.n_embd, vocab_size, bias=False)
+        self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
         # GPT-2: scale residual projections so the residual stream's variance stays put with depth.
@@ -114,15 +99,28 @@ class GPT(nn.Module):
         w = self.tok_emb.weight
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, w.device, w.dtype)
 
-    def forward(self, idx, targets=None, cache=None, pos=0):
-        """Logits (B, T, vocab) for tokens idx (B, T) at positions pos..pos+T; with targets, the
-        mean cross-entropy too. With a cache, keys and values are stored and earlier ones reused."""
+    def forward(self, idx, targets=None, cache=None, pos=None, last_only=False):
+        """Logits (B, T, vocab) for tokens idx (B, T) and, with targets, the mean cross-entropy.
+
+        The tokens sit at positions pos.. (default 0). With a cache they continue it: they are
+        at positions cache.length.., their keys and values are stored and the earlier ones
+        reused. last_only keeps the last position's logits alone (B, 1, vocab): all that
+        decoding needs, sparing the head's product for the others."""
+        if cache is not None:
+            if pos not in (None, cache.length):
+                raise ValueError(f"the cache holds {cache.length} positions; asked to go on at {pos}")
+            pos = cache.length
+        pos = pos or 0
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos, idx.size(1))
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, cache, pos)
+        if cache is not None:
+            cache.advance(idx.size(1))
+        if last_only:
+            x = x[:, -1:]
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None

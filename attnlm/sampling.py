@@ -7,6 +7,7 @@ generation goes on from there. The cached and the uncached path follow this one 
 produce the same tokens.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -98,38 +99,50 @@ def next_token(logits, controls, seen=None, generator=None):
 
 
 @torch.inference_mode()
-def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None, use_cache=True):
-    """Yield the next token of every row, a (B,) tensor, max_new_tokens times.
+def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None, use_cache=True,
+             num_samples=1):
+    """Yield the next token of every sample, a (B·num_samples,) tensor, max_new_tokens times.
 
     prompt is (B, T), T >= 1; a longer prompt than block_size keeps its last block_size tokens.
-    With use_cache, the prompt is read in one pass and then one token a step, its keys and values
-    kept in a KV cache allocated once; without, every step re-reads the whole window (the
+    Row r + i·B of the output is sample i of prompt row r. The prompt is read once, in one pass,
+    for all its samples. With use_cache, its keys and values go to a KV cache allocated once
+    and then each step reads one token; without, every step re-reads the whole window (the
     reference). The window rule is in the module's docstring.
     """
+    if not max_new_tokens:
+        return
     block = model.cfg.block_size
     keep = max(1, block // 2)
     prompt = prompt[:, -block:]
-    rows, length = prompt.shape
+    length = prompt.size(1)
+    rows = prompt.size(0) * num_samples
     tokens = prompt.new_empty(rows, length + max_new_tokens)  # the whole sequence, filled in place
-    tokens[:, :length] = prompt
+    tokens[:, :length] = prompt.repeat(num_samples, 1)
     seen = None
     if controls.repetition_penalty != 1:
         seen = torch.zeros(rows, model.vocab_size, dtype=torch.bool, device=prompt.device)
-        seen.scatter_(1, prompt, True)
+        seen.scatter_(1, tokens[:, :length], True)
     cache = model.new_cache(rows, min(block, length + max_new_tokens)) if use_cache else None
-    start, fed, end = 0, 0, length  # the window is tokens[:, start:end]; the cache holds `fed` of it
-    for _ in range(max_new_tokens):
-        if end - start > block:
-            start, fed = end - keep, 0
-        begin = start + fed if use_cache else start
-        logits, _ = model(tokens[:, begin:end], cache=cache, pos=begin - start)
-        fed = end - start
+    logits, _ = model(prompt, cache=cache, last_only=True)
+    logits = logits.repeat(num_samples, 1, 1)
+    if cache is not None:
+        cache.repeat(prompt.size(0))
+    start, end = 0, length  # the window is tokens[:, start:end]
+    for step in range(max_new_tokens):
         token = next_token(logits[:, -1], controls, seen, generator)
         tokens[:, end] = token
         end += 1
         if seen is not None:
             seen.scatter_(1, token.unsqueeze(1), True)
         yield token
+        if step + 1 == max_new_tokens:
+            break
+        if end - start > block:
+            start = end - keep
+            if cache is not None:
+                cache.reset()
+        read = start + (cache.length if cache is not None else 0)
+        logits, _ = model(tokens[:, read:end], cache=cache, last_only=True)
 
 
 class IncrementalDecoder:
@@ -212,16 +225,31 @@ class Sample:
     finish: str = "length"  # length (max_new_tokens reached), stop (a stop string) or eos
 
 
+def compiled(model):
+    """model under torch.compile (inductor, gpt-fast's approach): the same tokens, faster steps
+    once compiled. Dynamic shapes, so that one graph serves every prompt and cache length rather
+    than one compile per length. Inductor's compiled code goes to attnlm's cache directory (one's
+    own, not a shared temporary directory), unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
+    from attnlm.data import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(model, dynamic=True)
+
+
 def complete(model, tokenizer, prompt_ids, max_new_tokens, controls=Controls(), *, num_samples=1,
-             seed=0, stop=(), use_cache=True, on_text=None):
+             seed=0, stop=(), use_cache=True, compile=False, on_text=None):
     """Continue prompt_ids num_samples times in one batch (one forward pass a step for all).
 
     Returns a Sample per row. on_text(row, text) hears each piece of a row's text as soon as it
     is final: whole characters, stop strings withheld. A row ends at a stop string or the
     tokenizer's end-of-text token (`eos_id`, where it has one), neither of which is shown.
+    With compile, the model runs under torch.compile (see `compiled`); compiling delays the
+    first token.
     """
     device = next(model.parameters()).device
-    prompt = torch.tensor([prompt_ids] * num_samples, device=device)
+    if compile:
+        model = compiled(model)
+    prompt = torch.tensor([prompt_ids], device=device)
     generator = torch.Generator(device).manual_seed(seed)
     eos_id = getattr(tokenizer, "eos_id", None)
     decoders = [IncrementalDecoder(tokenizer, prompt_ids) for _ in range(num_samples)]
@@ -241,7 +269,8 @@ def complete(model, tokenizer, prompt_ids, max_new_tokens, controls=Controls(), 
         show(row, filters[row].flush())
         samples[row].finish = "stop" if filters[row].stopped else reason
 
-    for step in generate(model, prompt, max_new_tokens, controls, generator, use_cache):
+    for step in generate(model, prompt, max_new_tokens, controls, generator, use_cache,
+                         num_samples):
         for row, token_id in enumerate(step.tolist()):
             if row not in live:
                 continue

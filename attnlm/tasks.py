@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlm.errors import InputError
+from attnlm.sampling import Controls, generate
 
 PREFIX = "synthetic:"
 SEPARATOR = "|"
@@ -180,11 +181,9 @@ def exact_match(model, tokenizer, examples, batch_size=256):
     model.eval()
     right = 0
     for start in range(0, len(examples), batch_size):
-        ids = prompts[start : start + batch_size]
-        for _ in range(answers.size(1)):  # greedy: the likeliest next token, re-reading the prefix
-            logits, _ = model(ids)
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        generated = ids[:, prompts.size(1):]
+        steps = generate(model, prompts[start : start + batch_size], answers.size(1),
+                         Controls(temperature=0))
+        generated = torch.stack(list(steps), dim=1)
         right += (generated == answers[start : start + batch_size]).all(dim=1).sum().item()
     model.train(was_training)
     return right / len(examples)

@@ -1,43 +1,40 @@
-"""Generation speed: KV-cached against uncached decoding, tokens/s and per-token time.
+"""Generation speed: plain torch against torch.compile'd steps, KV-cached against uncached.
 
 The model is the issue's reference shape: 6 layers, 6 heads, width 384, vocabulary 65, block 1024,
 batch 1, float32, greedy; 1000 new tokens from a 16-token prompt, on 1 thread and on all of them.
 Prints JSON lines: one per run with tokens/s and percentiles of the time per token (the first
 token's includes the prompt's prefill), then one summary per thread count from the fastest run
-of each kind: the cached / uncached speed-up, attnlm with its C decode kernels (attnlm.native) /
-attnlm with torch's alone and, with --hf, attnlm / transformers. With --hf
-(needs transformers: pip install -e '.[bench]', a benchmark-only extra), Hugging Face's GPT-2 of
-the same shape is timed in the same process as the reference.
+of each kind, with ratios measured in the same process: cached / uncached, compiled / plain
+and, with --hf, attnlm / transformers' GPT-2 of the same shape (needs transformers:
+pip install -e '.[bench]', a benchmark-only extra).
 
-On a shared machine, run it alone: flock /tmp/bench.lock python benchmarks/generate.py
+"compiled" is the model under torch.compile as `attnlm generate --compile` runs it
+(attnlm.sampling.compiled: inductor, dynamic shapes, one graph for every cache length). Its compile time is reported apart (compile_s: the first, warm-up generation,
+which compiles the prefill and the step) and is never inside tokens/s; break_even_tokens is how
+many tokens a generation needs before compiling has paid for itself.
+
+On a shared machine, run it alone: flock -x /tmp/bench.lock python benchmarks/generate.py
 """
 
 import argparse
 import json
 import os
-import platform
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine  # noqa: E402
 
-from attnlm import native
-from attnlm.config import ModelConfig
-from attnlm.model import GPT
-from attnlm.sampling import Controls, generate
+import torch  # noqa: E402
+
+from attnlm.config import ModelConfig  # noqa: E402
+from attnlm.model import GPT  # noqa: E402
+from attnlm.sampling import Controls, compiled, generate  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=1024)
 VOCAB = 65
-
-
-def machine():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__}
+WARM_UP = 32  # tokens generated once before timing: allocator, lazy initialisation, compiling
 
 
 def summary(times, cpu_seconds):
@@ -51,19 +48,6 @@ def summary(times, cpu_seconds):
             "tokens_per_s": round(len(times) / sum(times), 2),
             "p10_ms": round(at(0.1) * 1e3, 3), "p50_ms": round(at(0.5) * 1e3, 3),
             "p90_ms": round(at(0.9) * 1e3, 3), "p90_over_p10": round(at(0.9) / at(0.1), 3)}
-
-
-def without_native(run):
-    """run, with attnlm.native's kernels off while it runs."""
-    def wrapped(*args):
-        os.environ["ATTNLM_NATIVE"] = "0"
-        native.library.cache_clear()
-        try:
-            return run(*args)
-        finally:
-            del os.environ["ATTNLM_NATIVE"]
-            native.library.cache_clear()
-    return wrapped
 
 
 def attnlm_times(model, prompt, new_tokens, use_cache):
@@ -101,12 +85,28 @@ def hf_model():
     return GPT2LMHeadModel(cfg).eval()
 
 
+def runners(args, model, prompt):
+    """impl -> run(use_cache, new_tokens) -> the times per token."""
+    timed = {"plain": model}
+    if args.compile:
+        torch._dynamo.reset()  # compile afresh for each thread count: the compile time is news
+        timed["compiled"] = compiled(model)
+    found = {impl: lambda use_cache, n, m=m: attnlm_times(m, prompt, n, use_cache)
+             for impl, m in timed.items()}
+    if args.hf:
+        reference = hf_model()
+        found["hf-gpt2"] = lambda use_cache, n: hf_times(reference, prompt, n, use_cache)
+    return found
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=1000)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", default="1,all", help="comma-separated counts; all = every core")
     parser.add_argument("--paths", default="cached,uncached", help="cached, uncached or both")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="time the plain model alone")
     parser.add_argument("--hf", action="store_true", help="also time transformers' GPT-2")
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--repeats", type=int, default=3,
@@ -116,50 +116,54 @@ def main():
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SHAPE, attention=args.attention), VOCAB).eval()
     prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
-    runners = {"attnlm": lambda use_cache, n: attnlm_times(model, prompt, n, use_cache)}
-    built = native.library() is not None
-    if built:
-        runners["attnlm-torch"] = without_native(runners["attnlm"])
-    if args.hf:
-        reference = hf_model()
-        runners["hf-gpt2"] = lambda use_cache, n: hf_times(reference, prompt, n, use_cache)
-    base = {"bench": "generate", **machine(), **SHAPE, "vocab": VOCAB, "batch": 1, "dtype": "float32",
-            "attention": args.attention, "native_kernels": built,
-            "prompt_tokens": args.prompt_tokens}
+    base = {"bench": "generate", **SHAPE, "vocab": VOCAB, "batch": 1, "dtype": "float32",
+            "attention": args.attention, "prompt_tokens": args.prompt_tokens}
     paths = args.paths.split(",")
     for threads in args.threads.split(","):
-        threads = os.cpu_count() if threads == "all" else int(threads)
-        torch.set_num_threads(threads)
-        best = {}  # (impl, path) -> the fastest run's figures
+        torch.set_num_threads(os.cpu_count() if threads == "all" else int(threads))
+        base.update(machine())
+        timed = runners(args, model, prompt)
+        best, compile_s = {}, {}  # (impl, path) -> the fastest run's figures; its warm-up seconds
         for path in paths:
             use_cache = path == "cached"
-            # Uncached steps read whole windows: too many rows for the C kernels, and slow.
-            timed = {impl: run for impl, run in runners.items()
-                     if use_cache or impl != "attnlm-torch"}
             for impl, run in timed.items():
-                run(use_cache, 32)  # warm-up: allocator, lazy initialisation
-            # Runs of the implementations alternate, so that a neighbour's load falls on both.
+                tick = time.perf_counter()
+                run(use_cache, WARM_UP)
+                compile_s[impl, path] = time.perf_counter() - tick
+            # Runs of the implementations alternate, so that a neighbour's load falls on all.
             for _ in range(args.repeats if use_cache else 1):
                 for impl, run in timed.items():
                     cpu = time.process_time()
                     times = run(use_cache, args.new_tokens)
                     result = summary(times, time.process_time() - cpu)
-                    print(json.dumps({**base, "impl": impl, "threads": threads, "path": path,
-                                      **result}), flush=True)
+                    print(json.dumps({**base, "impl": impl, "path": path, **result}), flush=True)
                     if result["tokens_per_s"] > best.get((impl, path), {}).get("tokens_per_s", 0):
                         best[impl, path] = result
-        speed = {key: result["tokens_per_s"] for key, result in best.items()}
-        ratios = {}
-        for impl in runners:
-            if (impl, "cached") in speed and (impl, "uncached") in speed:
-                ratios[f"{impl}_cached_over_uncached"] = speed[impl, "cached"] / speed[impl, "uncached"]
-        for other, name in (("attnlm-torch", "native_over_torch"), ("hf-gpt2", "attnlm_over_hf")):
-            if (other, "cached") in speed:
-                ratios[f"{name}_cached"] = speed["attnlm", "cached"] / speed[other, "cached"]
-        print(json.dumps({**base, "threads": threads, "summary": "fastest run of each",
-                          **{f"{impl}_{path}_tokens_per_s": v for (impl, path), v in speed.items()},
-                          "attnlm_cached_p90_over_p10": best.get(("attnlm", "cached"), {}).get("p90_over_p10"),
-                          **{k: round(v, 2) for k, v in ratios.items()}}), flush=True)
+        print(json.dumps({**base, "summary": "fastest run of each",
+                          **ratios(best, compile_s)}), flush=True)
+
+
+def ratios(best, compile_s):
+    speed = {key: result["tokens_per_s"] for key, result in best.items()}
+    out = {f"{impl}_{path}_tokens_per_s": v for (impl, path), v in speed.items()}
+    for (impl, path), result in best.items():
+        out[f"{impl}_{path}_p90_over_p10"] = result["p90_over_p10"]
+        if path == "cached" and (impl, "uncached") in speed:
+            out[f"{impl}_cached_over_uncached"] = round(speed[impl, path] / speed[impl, "uncached"], 2)
+    for path in ("cached", "uncached"):
+        if ("compiled", path) not in speed:
+            continue
+        plain, compiled = speed["plain", path], speed["compiled", path]
+        out[f"compiled_over_plain_{path}"] = round(compiled / plain, 2)
+        # compile_s as the warm-up's extra time over the plain warm-up's
+        extra = compile_s["compiled", path] - compile_s["plain", path]
+        out[f"compile_s_{path}"] = round(extra, 1)
+        gain = 1 / plain - 1 / compiled  # seconds saved per token
+        out[f"break_even_tokens_{path}"] = round(extra / gain) if gain > 0 else None
+    if ("hf-gpt2", "cached") in speed:
+        out["plain_over_hf_cached"] = round(speed["plain", "cached"] / speed["hf-gpt2", "cached"], 2)
+    return out
+
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attnlm import checkpoint
+from attnlm import checkpoint, tasks
 from attnlm.attention import BACKENDS
 from attnlm.cli import cli
 from attnlm.config import ModelConfig
@@ -56,10 +56,11 @@ def load(run_dir, backend):
 
 
 def tokens(model, prompt, n, controls, seed=0, use_cache=True, rows=1):
+    """rows samples of prompt (one list of ids, or a list of them: one per batch row)."""
     device = next(model.parameters()).device
-    prompt = torch.tensor([prompt] * rows, device=device)
+    prompt = torch.tensor(prompt if isinstance(prompt[0], list) else [prompt], device=device)
     gen = torch.Generator(device).manual_seed(seed)
-    steps = list(generate(model, prompt, n, controls, gen, use_cache))
+    steps = list(generate(model, prompt, n, controls, gen, use_cache, num_samples=rows))
     return torch.stack(steps, dim=1).tolist()
 
 
@@ -107,9 +108,9 @@ def test_a_cached_step_gives_the_logits_of_a_full_forward(run_dir, backend):
     ids[1] = ids[1].flip(0)
     cache = model.new_cache(2, BLOCK)
     with torch.no_grad():
-        model(ids[:, :5], cache=cache, pos=0)
+        model(ids[:, :5], cache=cache)
         for pos in range(5, BLOCK):
-            step, _ = model(ids[:, pos:pos + 1], cache=cache, pos=pos)
+            step, _ = model(ids[:, pos:pos + 1], cache=cache)
             full, _ = model(ids[:, :pos + 1])
             torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=0)
 
@@ -149,9 +150,79 @@ def test_the_cache_is_allocated_once_and_each_step_is_one_forward_for_all_rows(r
     tokens(model, SHORT, n, Controls(), rows=3)
     assert len(caches) == 1 and len(calls) == n
     prefills = [shape for shape in calls if shape[1] > 1]
-    # the prompt; then the window is full after 16 - 6 new tokens and every 8 after: 3 restarts
-    assert prefills == [(3, len(SHORT))] + [(3, BLOCK // 2)] * 3
-    assert all(shape[0] == 3 for shape in calls)
+    # the prompt, read once for the 3 samples; then the window is full after 16 - 6 new tokens
+    # and every 8 after: 3 restarts
+    assert prefills == [(1, len(SHORT))] + [(3, BLOCK // 2)] * 3
+    assert all(shape[0] == 3 for shape in calls[1:])
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+def test_samples_of_a_batch_of_prompts_follow_each_prompt(run_dir, use_cache):
+    """Row r + i·B is sample i of prompt r: with greedy decoding, prompt r's text alone."""
+    model, _ = load(run_dir, "sdpa")
+    prompts = [list(b"line 3"), list(b"fox 12")]
+    greedy = Controls(temperature=0)
+    rows = tokens(model, prompts, 2 * BLOCK, greedy, rows=3, use_cache=use_cache)
+    alone = [tokens(model, p, 2 * BLOCK, greedy)[0] for p in prompts]
+    assert rows == alone * 3 and alone[0] != alone[1]
+
+
+def test_decoding_computes_the_logits_of_the_last_position_only(run_dir):
+    model, _ = load(run_dir, "sdpa")
+    ids = torch.tensor([list(b"the quick brown")])
+    last, _ = model(ids, last_only=True)
+    torch.testing.assert_close(last, model(ids)[0][:, -1:])
+    heads = []
+    model.head.register_forward_hook(lambda module, args, out: heads.append(args[0].size(1)))
+    for use_cache in (True, False):
+        tokens(model, LONG, 2 * BLOCK, Controls(), use_cache=use_cache)
+    assert heads == [1] * 4 * BLOCK
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_every_decode_step_runs_the_chosen_backend(run_dir, backend):
+    """A cached step's one query goes through the backend a user chose, in every layer."""
+    model, _ = load(run_dir, backend)
+    queries = []
+    for block in model.blocks:
+        chosen = block.attn.attend
+        block.attn.attend = lambda q, *a, chosen=chosen, **kw: queries.append(q.size(2)) or chosen(
+            q, *a, **kw)
+    tokens(model, SHORT, 8, Controls())
+    assert queries == [len(SHORT)] * len(model.blocks) + [1] * 7 * len(model.blocks)
+
+
+def test_exact_match_decodes_through_the_cached_generation_loop(run_dir):
+    """Every prompt read once, then one token a step (not the prefix again for each token)."""
+    model, tokenizer = load(run_dir, "sdpa")
+    greedy = [tokenizer.decode(reference_greedy(model, tokenizer.encode(tasks.START + p), 4))
+              for p in ("line 1", "line 2")]  # the plain loop's answers
+    examples = [("line 1", greedy[0]), ("line 2", greedy[1]), ("line 3", "xxxx")]
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    assert tasks.exact_match(model, tokenizer, examples) == pytest.approx(2 / 3)
+    prompt = len(tokenizer.encode(tasks.START + "line 1"))
+    assert calls == [(3, prompt)] + [(3, 1)] * 3
+
+
+@pytest.mark.slow  # compiling takes about a minute on 2 busy cores
+def test_compiled_steps_give_the_plain_paths_tokens(run_dir, tmp_path, monkeypatch):
+    """torch.compile'd decoding (--compile) against plain torch: greedy and sampled, across
+    window restarts, two samples of one prompt."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, tokenizer = load(run_dir, "sdpa")
+    ids = tokenizer.encode("line 5")
+    for controls in (Controls(temperature=0), Controls(temperature=1.0, top_k=20)):
+        plain = complete(model, tokenizer, ids, 3 * BLOCK, controls, num_samples=2, seed=4)
+        fast = complete(model, tokenizer, ids, 3 * BLOCK, controls, num_samples=2, seed=4,
+                        compile=True)
+        assert fast == plain and fast[0].tokens == 3 * BLOCK
+    assert any((tmp_path / "inductor").iterdir())  # it did compile
+
+
+def test_cli_offers_compiling_in_help():
+    help_text = run("generate", "--help").output
+    assert "--compile" in help_text and "torch.compile" in help_text
 
 
 def test_end_of_text_token_ends_a_sample_unshown(run_dir):

@@ -1,9 +1,12 @@
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from attnlm.config import build_config
+from attnlm import model as model_module
 from attnlm.model import GPT
 
 
@@ -90,3 +93,14 @@ def test_tiny_model_overfits_a_tiny_text():
         opt.step()
     assert loss.item() < 0.05
     assert torch.equal(model(x)[0].argmax(-1), y)
+
+
+def test_the_model_imports_only_torch_and_its_own_parts():
+    """model.py is plain torch: the chosen attention backend is what runs, nothing else."""
+    tree = ast.parse(Path(model_module.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    own = {"attnlm.attention", "attnlm.kv_cache", "attnlm.positional"}
+    assert imported - own and all(name in ("math", "torch") or name.startswith("torch.")
+                                  for name in imported - own), imported

@@ -126,7 +126,7 @@ def test_relative_schemes_ignore_where_a_text_starts(pos, moves):
     model = tiny(f"model.pos={pos}", block=32).eval()
     idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        at_start, shifted = model(idx, pos=0)[0], model(idx, pos=17)[0]
+        at_start, shifted = model(idx)[0], model(idx, pos=17)[0]
     assert torch.allclose(at_start, shifted, atol=1e-5) != moves
 
 
@@ -182,8 +182,8 @@ def test_cached_steps_give_the_logits_of_a_full_forward(pos, backend):
     cache = model.new_cache(2, 16)
     with torch.no_grad():
         full = model(idx)[0]
-        steps = [model(idx[:, :5], cache=cache, pos=0)[0]]
-        steps += [model(idx[:, p:p + 1], cache=cache, pos=p)[0] for p in range(5, 16)]
+        steps = [model(idx[:, :5], cache=cache)[0]]
+        steps += [model(idx[:, p:p + 1], cache=cache)[0] for p in range(5, 16)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -204,8 +204,8 @@ def test_rope_keys_are_cached_rotated_at_their_absolute_position():
     idx = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(2))
     cache = model.new_cache(1, 16)
     with torch.no_grad():
-        model(idx[:, :4], cache=cache, pos=0)
-        model(idx[:, 4:], cache=cache, pos=4)
+        model(idx[:, :4], cache=cache)
+        model(idx[:, 4:], cache=cache)
         layer = model.blocks[0]
         x = layer.norm1(model.tok_emb(idx))
         k = layer.attn.qkv(x).split(48, 2)[1].view(1, 9, 3, 16).transpose(1, 2)

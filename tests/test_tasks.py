@@ -166,7 +166,10 @@ class Copier(nn.Module):
         self.vocab, self.length = tokenizer.vocab_size, length
         self.swap = tokenizer.encode(flaw + to) if flaw else None
 
-    def forward(self, ids):
+    def new_cache(self, *_):
+        return None  # no KV cache: generation re-reads the whole sequence every step
+
+    def forward(self, ids, cache=None, last_only=False):
         source = torch.roll(ids, self.length, dims=1)
         if self.swap:
             source = source.masked_fill(source == self.swap[0], self.swap[1])

@@ -47,6 +47,6 @@ def test_cached_decoding_with_tiled_matches_naive(small_blocks):
     with torch.no_grad():
         want, _ = models["naive"](idx)
         cache = models["tiled"].new_cache(batch=2, max_len=40)
-        steps = [models["tiled"](idx[:, :27], cache=cache, pos=0)[0]]
-        steps += [models["tiled"](idx[:, t : t + 1], cache=cache, pos=t)[0] for t in range(27, 40)]
+        steps = [models["tiled"](idx[:, :27], cache=cache)[0]]
+        steps += [models["tiled"](idx[:, t : t + 1], cache=cache)[0] for t in range(27, 40)]
     torch.testing.assert_close(torch.cat(steps, dim=1), want, atol=1e-5, rtol=1e-5)

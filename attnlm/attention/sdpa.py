@@ -22,7 +22,9 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None):
     # torch's is_causal aligns the mask top-left; ours aligns the last query with the last key.
     elif causal and tq != tk and tq > 1:
         mask = causal_mask(tq, tk, q.device)
-    is_causal = causal and mask is None and tq == tk
+    # Decided by an `if`: under torch.compile's dynamic shapes tq == tk is symbolic, and torch's
+    # is_causal takes only a plain bool.
+    is_causal = True if causal and mask is None and tq == tk else False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
     )
