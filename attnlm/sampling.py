@@ -230,7 +230,7 @@ def compiled(model):
     once compiled. Dynamic shapes, so that one graph serves every prompt and cache length rather
     than one compile per length. Inductor's compiled code goes to attnlm's cache directory (one's
     own, not a shared temporary directory), unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
-    from attnlm.data import cache_dir
+    from attnlm.token_cache import cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     return torch.compile(model, dynamic=True)
