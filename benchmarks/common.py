@@ -1,4 +1,5 @@
-"""What every benchmark line carries: the machine, torch and the thread count."""
+"""What every benchmark line carries: the machine (its CPU model by name), torch and the thread
+count. Figures from different CPU kinds differ; a figure without its CPU means little."""
 
 import json
 import os
@@ -7,12 +8,22 @@ import platform
 import torch
 
 
+def cpu_name():
+    """The CPU model as the kernel names it (Linux), else what Python's platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine():
     return {
+        "cpu": cpu_name(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
