@@ -1,13 +1,17 @@
-"""Command line: attnlm train | generate | eval. Parses, builds the config, calls the library and
-maps expected errors to one line and an exit code (0 ok, 1 runtime, 2 usage/input, 130 interrupt)."""
+"""Command line: attnlm train | generate | eval | gather | plot. Parses, builds the config, calls
+the library and prints; maps expected errors to one line and an exit code (0 ok, 1 runtime,
+2 usage/input, 130 interrupt, 141 output pipe closed)."""
 
+import contextlib
 import json
+import os
+import sys
 import traceback
-from pathlib import Path
 
 import click
 import yaml
 
+from attnlm import choices
 from attnlm import config as config_mod
 from attnlm.errors import AttnlmError, InputError
 
@@ -20,6 +24,11 @@ class Group(click.Group):
             self._fail(ctx, f"error: {err}", err.exit_code)
         except KeyboardInterrupt:
             self._fail(ctx, "interrupted", 130)
+        except BrokenPipeError:  # the reader went away (`attnlm generate RUN | head`): stop quietly
+            with contextlib.suppress(OSError, ValueError):  # ValueError: not a real file (tests)
+                # stdout to /dev/null, so that flushing it at exit does not fail on the pipe
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)  # as a process killed by SIGPIPE
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as err:  # a bug: say so in one line unless --debug asks for the trace
@@ -51,8 +60,51 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print result
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines.")
 
 
+def machine_options(command):
+    """--device and --threads, for the commands that load a model: train.device and
+    train.threads for this command, checked as those are."""
+    command = click.option("--threads", type=int, default=0, show_default=True,
+                           help="CPU threads; 0 means all cores.")(command)
+    return click.option("--device", default="auto", show_default=True,
+                        help=f"{', '.join(choices.DEVICES)} or cuda:N.")(command)
+
+
+def _load(run, device, threads):
+    """(model, tokenizer, config, checkpoint) of a run, on the device asked for."""
+    from attnlm.checkpoint import load_model
+    from attnlm.runtime import resolve_device, set_threads
+
+    machine = config_mod.build_config({"train": {"device": device, "threads": threads}}).train
+    set_threads(machine.threads)
+    return load_model(run, resolve_device(machine.device))
+
+
+SAMPLING = {  # generate's options, each overriding the run's sample.* value of the same name
+    "max_new_tokens": "Tokens to generate per sample.",
+    "temperature": "Softmax temperature; 0 is greedy.",
+    "top_k": "Sample among the k likeliest tokens; 0 disables.",
+    "top_p": "Sample among the fewest likeliest tokens whose probability reaches p; 1 disables.",
+    "min_p": "Drop tokens less likely than min-p times the likeliest one; 0 disables.",
+    "repetition_penalty": "Above 1, tokens already in the text become less likely (CTRL's "
+                          "penalty); 1 disables.",
+    "num_samples": "Samples to draw, together in one batch.",
+    "seed": "Random seed: same seed, same text, with or without the cache.",
+}
+
+
+def sampling_options(command):
+    for name, text in reversed(SAMPLING.items()):
+        command = click.option(f"--{name.replace('_', '-')}", name,
+                               type=config_mod.KEYS[f"sample.{name}"], help=text)(command)
+    return command
+
+
+def _warn(message):
+    click.echo(f"warning: {message}", err=True)
+
+
 def _run_name(config_path, overrides):
-    from attnlm.sweep import run_name
+    from attnlm.config import run_name
 
     return "runs/" + run_name(config_path, overrides)
 
@@ -97,59 +149,14 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
                    f"{summary['tokens_per_s'] or 0:,.0f} tokens/s")
 
 
-def _prompt_text(prompt, prompt_file):
-    if prompt is not None and prompt_file:
-        raise InputError("give --prompt or --prompt-file, not both")
-    if prompt_file:
-        try:
-            return Path(prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"cannot read prompt file {prompt_file}: {err}") from None
-    return prompt or ""
-
-
-def _unescape(text):
-    """Read \\n, \\t and \\\\ in a --stop value as newline, tab and backslash."""
-    import re
-
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
-
-
-START_TEXT = "\n"  # what an empty prompt starts from: as if at the start of a line
-
-
-def _prompt_ids(tokenizer, text, block_size):
-    if not text:
-        try:
-            return tokenizer.encode(START_TEXT)
-        except InputError:
-            raise InputError("an empty prompt starts from a newline, which this model's vocabulary "
-                             "lacks; give a --prompt") from None
-    ids = tokenizer.encode(text)
-    if len(ids) > block_size:
-        click.echo(f"warning: the prompt is {len(ids)} tokens, longer than the model's "
-                   f"{block_size}-token window; keeping its last {block_size}", err=True)
-    return ids
-
-
 @cli.command()
 @click.argument("run")
 @click.option("--prompt", help="Text to continue. Empty: start from a newline.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
-@click.option("--max-new-tokens", type=int, help="Tokens to generate per sample.")
-@click.option("--temperature", type=float, help="Softmax temperature; 0 is greedy.")
-@click.option("--top-k", type=int, help="Sample among the k likeliest tokens; 0 disables.")
-@click.option("--top-p", type=float,
-              help="Sample among the fewest likeliest tokens whose probability reaches p; 1 disables.")
-@click.option("--min-p", type=float,
-              help="Drop tokens less likely than min-p times the likeliest one; 0 disables.")
-@click.option("--repetition-penalty", type=float,
-              help="Above 1, tokens already in the text become less likely (CTRL's penalty); "
-                   "1 disables.")
+@sampling_options
 @click.option("--stop", multiple=True, metavar="TEXT",
-              help="End a sample before this text; repeatable. \\n and \\t mean newline and tab.")
-@click.option("--num-samples", type=int, help="Samples to draw, together in one batch.")
-@click.option("--seed", type=int, help="Random seed: same seed, same text, with or without the cache.")
+              help="End a sample before this text; repeatable. \\n and \\t mean newline and tab; "
+                   "a stop text with a newline also stops at a Windows line end (\\r\\n).")
 @click.option("--no-cache", is_flag=True,
               help="Re-read the whole window at every step instead of using the KV cache (slow; "
                    "for comparison). Produces the same text.")
@@ -157,21 +164,19 @@ def _prompt_ids(tokenizer, text, block_size):
               help="Run the model under torch.compile: about 1.25x the tokens/s once compiled, "
                    "after 5-40 s of compiling before the first token; pays for long generations "
                    "(over some 10,000 tokens on a CPU). Produces the same text.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--threads", type=int, default=0, show_default=True,
-              help="CPU threads; 0 means all cores.")
+@machine_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (each sample's text and token count, tokens/s) "
                    "instead of streaming the text.")
-def generate(run, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, min_p,
-             repetition_penalty, stop, num_samples, seed, no_cache, compile_steps, device, threads,
-             as_json):
+def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, threads, as_json,
+             **sample):
     """Continue a prompt with a trained model (RUN: a run directory or checkpoint file).
 
     Text is printed as it is generated; with several samples, the first streams and the others
-    follow, each after a line '---'. An option left out takes its value from the run's sample
-    config (sample.*). A sample ends after --max-new-tokens tokens, before a --stop text, or at
-    the tokenizer's end-of-text token where it has one.
+    follow, each after a line '---'. Each sampling option overrides the run's sample.* value of
+    the same name, and is checked as that value is; left out, the run's value holds. A sample
+    ends after --max-new-tokens tokens, before a --stop text, or at the tokenizer's end-of-text
+    token where it has one.
 
     The context window is the model's block_size tokens: a longer prompt keeps its last
     block_size tokens (with a warning). Once the window is full, generation keeps its last half
@@ -179,42 +184,29 @@ def generate(run, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p
     """
     import time
 
-    from attnlm.checkpoint import load_model
-    from attnlm.runtime import resolve_device, set_threads
+    from attnlm.prompt import prompt_ids, prompt_text, stop_texts, unescape
     from attnlm.sampling import Controls, complete
 
-    if threads < 0:
-        raise InputError(f"--threads={threads} must not be negative")
-    set_threads(threads)
-    model, tokenizer, cfg, _ = load_model(run, resolve_device(device))
-    s = cfg.sample
-    pick = lambda value, default: default if value is None else value
-    controls = Controls(pick(temperature, s.temperature), pick(top_k, s.top_k), pick(top_p, s.top_p),
-                        pick(min_p, s.min_p), pick(repetition_penalty, s.repetition_penalty))
-    controls.check()
-    max_new_tokens, num_samples = pick(max_new_tokens, s.max_new_tokens), pick(num_samples, s.num_samples)
-    seed = pick(seed, s.seed)
-    if max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens={max_new_tokens} must not be negative")
-    if num_samples < 1:
-        raise InputError(f"--num-samples={num_samples} must be at least 1")
-    stops = [_unescape(x) for x in stop] if stop else [s.stop]
-    text = _prompt_text(prompt, prompt_file) if prompt is not None or prompt_file else s.prompt
-    ids = _prompt_ids(tokenizer, text, cfg.model.block_size)
+    model, tokenizer, cfg, _ = _load(run, device, threads)
+    sample["prompt"] = prompt_text(prompt, prompt_file)
+    given = {key: value for key, value in sample.items() if value is not None}
+    s = config_mod.build_config({"sample": given}, base=cfg).sample
+    ids = prompt_ids(tokenizer, s.prompt, cfg.model.block_size, _warn)
 
     def show(row, piece):
         if row == 0 and not as_json:
             click.echo(piece, nl=False)
 
-    show(0, text)
+    show(0, s.prompt)
     tick = time.perf_counter()
-    samples = complete(model, tokenizer, ids, max_new_tokens, controls, num_samples=num_samples,
-                       seed=seed, stop=stops, use_cache=not no_cache, compile=compile_steps,
-                       on_text=show)
+    samples = complete(model, tokenizer, ids, s.max_new_tokens, Controls.of(s),
+                       num_samples=s.num_samples, seed=s.seed, use_cache=not no_cache, on_text=show,
+                       compile=compile_steps,
+                       stop=stop_texts([unescape(x) for x in stop] if stop else [s.stop]))
     seconds = time.perf_counter() - tick
     tokens = sum(sample.tokens for sample in samples)
     if as_json:
-        click.echo(json.dumps({"prompt": text, "samples": [vars(sample) for sample in samples],
+        click.echo(json.dumps({"prompt": s.prompt, "samples": [vars(x) for x in samples],
                                "tokens": tokens, "seconds": seconds,
                                "tokens_per_s": tokens / seconds if seconds else None,
                                "cache": not no_cache}))
@@ -222,18 +214,21 @@ def generate(run, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p
     click.echo()
     for sample in samples[1:]:
         click.echo("---")
-        click.echo(text + sample.text)
+        click.echo(s.prompt + sample.text)
+
+
+positive = click.IntRange(min=1)
 
 
 @cli.command("eval")
 @click.argument("run")
 @click.option("--source", help="Evaluate the whole of this source instead of the run's val split.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Windows per batch.")
-@click.option("--block-size", type=int, metavar="N",
+@click.option("--batch-size", type=positive, default=16, show_default=True, help="Windows per batch.")
+@click.option("--block-size", type=positive, metavar="N",
               help="Read the text in windows of N tokens [default: the trained block_size]. Longer "
                    "than trained tests how the positional scheme extrapolates; learned positions "
                    "cannot.")
-@click.option("--examples", type=int, default=500, show_default=True,
+@click.option("--examples", type=positive, default=500, show_default=True,
               help="Synthetic tasks: held-out examples to score exact match on.")
 @click.option("--attention", is_flag=True,
               help="Also report each layer's and head's attention entropy on one text.")
@@ -243,12 +238,9 @@ def generate(run, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p
               help="Write the text's attention weights as PNG heat maps into DIR, one image per "
                    "layer with its heads side by side (implies --attention; needs attnlm[plot]). "
                    "They show what each position gathered, not why the model decided.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--threads", type=int, default=0, show_default=True,
-              help="CPU threads; 0 means all cores.")
+@machine_options
 @json_option
-def evaluate(run, source, batch_size, block_size, examples, attention, text, attention_map, device,
-             threads, as_json):
+def evaluate(run, device, threads, as_json, **options):
     """Loss, perplexity and bits per byte of a trained model (RUN: run directory or checkpoint).
 
     On a synthetic task (data.source or --source synthetic:...), also the exact-match accuracy of
@@ -258,106 +250,58 @@ def evaluate(run, source, batch_size, block_size, examples, attention, text, att
     over the text's query positions, beside the most it can be (uniform attention over the keys
     each query sees). Attention weights show what was gathered, not why the model decided.
     """
-    from attnlm import diagnostics, tasks
-    from attnlm.checkpoint import load_model
-    from attnlm.data import prepare_source, prepare_training
-    from attnlm.evaluate import report, split_loss
-    from attnlm.positional import check_context
-    from attnlm.runtime import resolve_device, set_threads
+    from attnlm.evaluate import describe, evaluate_run
 
-    if batch_size < 1 or examples < 1 or (block_size is not None and block_size < 1):
-        raise InputError("--batch-size, --block-size and --examples must be positive")
-    if threads < 0:
-        raise InputError(f"--threads={threads} must not be negative")
-    set_threads(threads)
-    model, tokenizer, cfg, _ = load_model(run, resolve_device(device))
-    block_size = block_size or cfg.model.block_size
-    check_context(cfg.model.pos, cfg.model.block_size, block_size)
-    if source:
-        split, name = prepare_source(source, tokenizer, cfg.data.cache_dir, progress=True), source
-    else:
-        split = prepare_training(cfg, tokenizer, progress=True)[1]["val"]
-        name = f"{cfg.data.source} (val)"
-    if len(split) < 2:
-        raise InputError(f"{name} has too little text to evaluate ({len(split)} tokens)")
-    device = next(model.parameters()).device
-    loss = split_loss(model, split, block_size, batch_size, device)
-    result = {"source": name, "block_size": block_size, **report(loss, split)}
-    spec = source or cfg.data.source
-    if tasks.is_synthetic(spec):
-        result.update(tasks.evaluate(model, tokenizer, spec, examples))
-    if attention or attention_map:
-        ids = split.tokens[:block_size].tolist() if text is None else tokenizer.encode(text)
-        if not 0 < len(ids) <= block_size:
-            raise InputError(f"--text is {len(ids)} tokens; give 1 to block_size={block_size}")
-        maps = diagnostics.attention_of(model, ids)
-        result["attention"] = diagnostics.entropy_report(maps)
-        if attention_map:
-            from attnlm.plots import attention_maps
+    model, tokenizer, cfg, _ = _load(run, device, threads)
+    result = evaluate_run(model, tokenizer, cfg, **options)
+    click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))
 
-            pieces = [tokenizer.decode([i]) for i in ids]
-            paths = attention_maps(maps, result["attention"]["entropy"], pieces, attention_map)
-            result["attention"]["maps"] = [str(p) for p in paths]
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    click.echo(f"{name}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-               f"bits/byte {result['bits_per_byte']:.4f} over {result['tokens']:,} tokens")
-    if "exact_match" in result:
-        click.echo(f"exact match {result['exact_match']:.2%} on {result['examples']} held-out "
-                   f"examples (uniform guessing: {result['chance']:.2g})")
-    if "attention" in result:
-        a = result["attention"]
-        click.echo(f"attention entropy in nats, mean over {a['tokens']} query positions "
-                   f"(uniform attention: {a['max_entropy']:.2f}; log T: {a['log_T']:.2f}):")
-        for layer, heads in enumerate(a["entropy"]):
-            click.echo(f"  layer {layer}: " + "  ".join(f"{e:.2f}" for e in heads))
-        for path in a.get("maps", []):
-            click.echo(f"wrote {path}")
+
+runs_argument = click.argument("runs", nargs=-1, required=True)
 
 
 @cli.command()
-@click.argument("runs", nargs=-1, required=True)
+@runs_argument
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv"]), default="markdown",
               show_default=True, help="Table format.")
 def gather(runs, fmt):
-    """One table of many runs (RUNS: run directories, folders of them, or quoted globs).
+    """One table of many runs (RUNS: run directories, folders of them at any depth, or quoted
+    globs).
 
     A row per finished run: the config values that differ between the runs, the figures of its
     summary.json, and those of RUN/eval.json where present (save one with
-    `attnlm eval RUN --json > RUN/eval.json`), as eval_*. Unfinished runs are left out, with a
-    warning.
+    `attnlm eval RUN --json > RUN/eval.json`), as eval_*. A path holding no run, an unfinished
+    run and one with a corrupt file are left out, with a warning.
     """
-    from attnlm.sweep import find_runs, table, to_csv, to_markdown
+    from attnlm.gather import find_runs, table, to_csv, to_markdown
 
-    columns, rows, left_out = table(find_runs(runs))
-    for run in left_out:
-        click.echo(f"warning: {run} has no summary.json (still running or failed); left out",
-                   err=True)
+    columns, rows = table(find_runs(runs, _warn), _warn)
     click.echo((to_csv if fmt == "csv" else to_markdown)(columns, rows), nl=False)
 
 
 @cli.command()
-@click.argument("runs", nargs=-1, required=True)
+@runs_argument
 @click.option("--out", type=click.Path(dir_okay=False),
               help="PNG file to write [default: RUN/loss.png for one run; needed for several].")
-@click.option("--log-y", is_flag=True, help="Logarithmic loss axis.")
-def plot(runs, out, log_y):
+@click.option("--log-y", is_flag=True, help="Logarithmic y axis.")
+@click.option("--y", "y_axis", type=click.Choice(["loss", "bits-per-byte"]), default="loss",
+              show_default=True,
+              help="Loss in nats per token, or bits per byte of text (the loss times the run's "
+                   "val tokens per byte, over ln 2): compares runs with different tokenizers.")
+def plot(runs, out, log_y, y_axis):
     """Train and val loss curves of one run or several overlaid, as a PNG (RUNS: run
     directories, folders of them, or quoted globs). Needs matplotlib: pip install 'attnlm[plot]'.
     """
+    from attnlm.gather import find_runs
     from attnlm.plots import loss_curves
-    from attnlm.sweep import find_runs
 
-    found = find_runs(runs)
+    found = find_runs(runs, _warn)
     if out is None and len(found) > 1:
         raise InputError(f"{len(found)} runs to overlay: say where the plot goes with --out FILE.png")
     out = out or str(found[0] / "loss.png")
-    loss_curves(found, out, log_y)
+    loss_curves(found, out, log_y, y_axis)
     click.echo(f"wrote {out}")
 
 
 def main():
     cli(prog_name="attnlm")
-
-

@@ -5,13 +5,17 @@ at once, each naming the offending key and value.
 """
 
 import dataclasses
-import difflib
+import hashlib
 import math
+import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import yaml
 
+from attnlm import choices
 from attnlm.errors import ConfigError, InputError
+from attnlm.files import atomic_write
 
 
 @dataclass
@@ -23,9 +27,9 @@ class ModelConfig:
     dropout: float = 0.0  # on embeddings and residual branches
     attn_dropout: float = 0.0  # on attention probabilities
     bias: bool = False  # biases in Linear and LayerNorm layers
-    pos: str = "learned"  # positional scheme (see attnlm.positional.SCHEMES)
+    pos: str = "learned"  # positional scheme (see attnlm.positional)
     rope_base: float = 10000.0  # pos=rope: pair i of a head turns by base^(-2i/head_dim) a position
-    attention: str = "sdpa"  # attention backend (see attnlm.attention.BACKENDS)
+    attention: str = "sdpa"  # attention backend (see attnlm.attention)
 
 
 @dataclass
@@ -61,14 +65,14 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     threads: int = 0  # torch CPU threads; 0 means all cores
-    device: str = "auto"  # auto, cpu or cuda
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
     dtype: str = "float32"  # float32, bfloat16 or float16 (autocast on CUDA)
 
 
 @dataclass
 class SampleConfig:
     prompt: str = ""
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # 0: the prompt alone
     temperature: float = 0.8  # 0 means greedy
     top_k: int = 40  # 0 disables top-k filtering
     num_samples: int = 1
@@ -91,11 +95,18 @@ class RunConfig:
 SECTIONS = {f.name: f.type for f in fields(RunConfig)}
 KEYS = {f"{s}.{f.name}": f.type for s, cls in SECTIONS.items() for f in fields(cls)}
 TRUE, FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+SEED_MAX = 2**64 - 1  # the largest seed torch's generators take
+MAX_SAMPLE_TOKENS = 10**8  # num_samples x max_new_tokens: a token buffer that can be allocated
+SHOWN = 60  # characters of a value a message shows
 
 
-def _suggest(name, choices):
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _show(value):
+    """A value as a message shows it: its repr, cut short. Never the repr of a list or mapping,
+    which can be huge (a YAML alias bomb of a few hundred bytes expands to billions of items)."""
+    if isinstance(value, (list, dict)):
+        return f"<a {type(value).__name__}>"
+    text = repr(value)
+    return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
 
 
 def parse_value(text, typ):
@@ -125,6 +136,8 @@ def parse_value(text, typ):
 
 def coerce(value, typ):
     """Check a YAML value against a field's type (numbers may arrive as strings: `1e-3`)."""
+    if not isinstance(value, (str, int, float)):  # bool is an int
+        raise ValueError(f"expected a single {typ.__name__}, not a {type(value).__name__}")
     if isinstance(value, str) and typ is not str:
         return parse_value(value, typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -136,14 +149,14 @@ def coerce(value, typ):
 
 def _set(tree, key, value, problems, from_text):
     if key not in KEYS:
-        problems.append(f"unknown key {key!r}{_suggest(key, KEYS)}")
+        problems.append(f"unknown key {_show(key)}{choices.suggest(key, KEYS)}")
         return
     typ = KEYS[key]
     try:
         section, name = key.split(".")
         tree[section][name] = parse_value(value, typ) if from_text else coerce(value, typ)
     except ValueError as err:
-        problems.append(f"{key}={value!r} is not a valid {typ.__name__} ({err})")
+        problems.append(f"{key}={_show(value)} is not a valid {typ.__name__} ({err})")
 
 
 def _merge_yaml(tree, doc, problems):
@@ -154,7 +167,7 @@ def _merge_yaml(tree, doc, problems):
         return
     for section, values in doc.items():
         if section not in SECTIONS:
-            problems.append(f"unknown section {section!r}{_suggest(str(section), SECTIONS)}")
+            problems.append(f"unknown section {_show(section)}{choices.suggest(str(section), SECTIONS)}")
         elif not isinstance(values, dict):
             problems.append(f"section {section!r} must be a mapping of keys to values")
         else:
@@ -168,7 +181,7 @@ def read_yaml(path):
             return yaml.safe_load(f)
     except OSError as err:
         raise InputError(f"cannot read config {path}: {err.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise InputError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
 
 
@@ -204,37 +217,39 @@ def from_dict(tree):
 
 
 def dump_yaml(cfg, path):
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _check(problems, ok, key, value, why):
-    if not ok:
-        problems.append(f"{key}={value!r} {why}")
+    """Add 'key=value why' unless ok, or unless key already has a problem (one line a value)."""
+    if not ok and not any(p.startswith(f"{key}=") for p in problems):
+        problems.append(f"{key}={_show(value)} {why}")
+
+
+def _value(cfg, key):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def validate(cfg):
     """Every problem with a config's values, each as 'key=value why'."""
-    from attnlm.attention import BACKENDS
-    from attnlm.positional import SCHEMES
-    from attnlm.tokenizer import KINDS
-
     p = []
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
+    for key in (k for k, typ in KEYS.items() if typ is float):
+        _check(p, math.isfinite(_value(cfg, key)), key, _value(cfg, key), "must be a finite number")
     positive = ["model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
                 "train.batch_size", "train.grad_accum", "train.max_iters", "train.eval_interval",
-                "train.log_interval", "sample.max_new_tokens", "sample.num_samples"]
+                "train.log_interval", "sample.num_samples"]
     for key in positive:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(p, value > 0, key, value, "must be positive")
+        _check(p, _value(cfg, key) > 0, key, _value(cfg, key), "must be positive")
     non_negative = ["train.warmup_iters", "train.lr_decay_iters", "train.eval_iters",
                     "train.keep_last", "train.threads", "train.weight_decay", "train.grad_clip",
-                    "sample.top_k", "sample.temperature"]
+                    "sample.top_k", "sample.max_new_tokens"]
     for key in non_negative:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(p, value >= 0, key, value, "must not be negative")
+        _check(p, _value(cfg, key) >= 0, key, _value(cfg, key), "must not be negative")
+    for key in ("train.seed", "sample.seed"):
+        _check(p, 0 <= _value(cfg, key) <= SEED_MAX, key, _value(cfg, key),
+               "must be in [0, 2**64 - 1]")
     if m.n_head > 0 and m.n_embd % m.n_head:
         p.append(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
     elif m.pos == "rope" and m.n_head > 0 and (m.n_embd // m.n_head) % 2:
@@ -244,28 +259,63 @@ def validate(cfg):
     for key, value in [("model.dropout", m.dropout), ("model.attn_dropout", m.attn_dropout)]:
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
     _check(p, 0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
-    _check(p, t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be a positive number")
+    _check(p, t.lr > 0, "train.lr", t.lr, "must be a positive number")
     _check(p, 0 <= t.min_lr and (t.lr <= 0 or t.min_lr <= t.lr), "train.min_lr", t.min_lr, f"must be in [0, train.lr={t.lr}]")
     for key, value in [("train.beta1", t.beta1), ("train.beta2", t.beta2)]:
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
-    choices = [("model.pos", m.pos, SCHEMES), ("model.attention", m.attention, BACKENDS),
-               ("tokenizer.kind", cfg.tokenizer.kind, KINDS),
-               ("train.device", t.device, ("auto", "cpu", "cuda")),
-               ("train.dtype", t.dtype, ("float32", "bfloat16", "float16"))]
-    for key, value, allowed in choices:
-        _check(p, value in allowed, key, value, f"must be one of {', '.join(allowed)}")
-    if m.attention in BACKENDS and m.attn_dropout > 0 and not BACKENDS[m.attention].dropout:
+    named = [("model.pos", m.pos, choices.POSITIONAL), ("model.attention", m.attention, choices.BACKENDS),
+             ("tokenizer.kind", cfg.tokenizer.kind, choices.TOKENIZERS),
+             ("train.dtype", t.dtype, choices.DTYPES)]
+    for key, value, allowed in named:
+        _check(p, value in allowed, key, value,
+               f"must be one of {', '.join(allowed)}{choices.suggest(value, allowed)}")
+    device = choices.device_problem(t.device)
+    _check(p, device is None, "train.device", t.device, device)
+    if m.attention in choices.BACKENDS and m.attn_dropout > 0 and m.attention not in choices.DROPOUT_BACKENDS:
         p.append(f"model.attention={m.attention!r} does not support attention dropout "
-                 f"(model.attn_dropout={m.attn_dropout}); use naive or sdpa")
+                 f"(model.attn_dropout={m.attn_dropout}); use {' or '.join(choices.DROPOUT_BACKENDS)}")
     k = cfg.tokenizer
     if k.kind in ("bpe", "unigram") and not k.model_file:
         _check(p, k.vocab_size >= 260, "tokenizer.vocab_size", k.vocab_size,
                "must be at least 260 (256 byte pieces and 3 special pieces come first)")
     if k.model_file and k.kind not in ("bpe", "unigram"):
-        p.append(f"tokenizer.model_file={k.model_file!r} needs tokenizer.kind=bpe or unigram "
+        p.append(f"tokenizer.model_file={_show(k.model_file)} needs tokenizer.kind=bpe or unigram "
                  f"(not {k.kind!r})")
-    _check(p, 0 < s.top_p <= 1, "sample.top_p", s.top_p, "must be in (0, 1]")
-    _check(p, 0 <= s.min_p <= 1, "sample.min_p", s.min_p, "must be in [0, 1]")
-    _check(p, s.repetition_penalty > 0, "sample.repetition_penalty", s.repetition_penalty,
-           "must be positive")
+    _validate_sample(s, p)
     return p
+
+
+def _validate_sample(s, p):
+    """Sampling ranges, chosen so that no float32 logit overflows or underflows into NaN."""
+    _check(p, s.temperature == 0 or s.temperature >= 1e-4, "sample.temperature", s.temperature,
+           "must be 0 (greedy) or at least 0.0001")
+    _check(p, 1e-4 <= s.top_p <= 1, "sample.top_p", s.top_p, "must be in [0.0001, 1] (1 disables it)")
+    _check(p, 0 <= s.min_p <= 1, "sample.min_p", s.min_p, "must be in [0, 1] (0 disables it)")
+    _check(p, 0.01 <= s.repetition_penalty <= 100, "sample.repetition_penalty",
+           s.repetition_penalty, "must be in [0.01, 100] (1 disables it)")
+    if s.max_new_tokens * max(s.num_samples, 1) > MAX_SAMPLE_TOKENS:
+        p.append(f"sample.max_new_tokens={_show(s.max_new_tokens)} times sample.num_samples="
+                 f"{_show(s.num_samples)} must be at most {MAX_SAMPLE_TOKENS:,} tokens")
+
+
+MAX_NAME = 100  # characters; a longer run name is cut and ends in a hash of the whole
+
+
+def run_name(config_path, overrides):
+    """A run directory name from a config file and --set overrides, readable and safe in any file
+    system: `copy_n_head-2_pos-sinusoidal`. A key is named by its last part unless two sections
+    share that (train.seed, sample.seed); a path stands for its last part (`source-input.txt`);
+    characters other than letters, digits and `.+-` become `_`; a name too long is cut and ends
+    in a hash of the overrides. Overrides can still share a name (two files called input.txt),
+    never silently: training refuses a directory that already holds a run."""
+    names = [key.rsplit(".", 1)[-1] for key in KEYS]
+    parts = [Path(config_path).stem if config_path else "default"]
+    for item in overrides:
+        key, _, value = (s.strip() for s in item.partition("="))
+        name = key.rsplit(".", 1)[-1]
+        parts.append(f"{key if names.count(name) > 1 else name}-{value.rstrip('/').rsplit('/', 1)[-1]}")
+    text = re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(parts), flags=re.ASCII).strip("._")
+    if len(text) > MAX_NAME:
+        digest = hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:10]
+        text = f"{text[:MAX_NAME - 11]}_{digest}"
+    return text

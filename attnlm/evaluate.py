@@ -1,10 +1,15 @@
-"""Loss, perplexity and bits per byte of a model on a split of tokens."""
+"""The eval pipeline: loss, perplexity and bits per byte of a model on a split of tokens, exact
+match on a synthetic task, attention entropy and maps; `evaluate_run` returns the result the CLI
+prints."""
 
 import math
 
 import torch
 
-from attnlm.data import BatchSampler, windows
+from attnlm import diagnostics, tasks
+from attnlm.data import BatchSampler, prepare_source, prepare_training, windows
+from attnlm.errors import InputError
+from attnlm.positional import check_context
 from attnlm.runtime import autocast
 
 
@@ -39,3 +44,59 @@ def report(loss, split):
         "tokens": len(split),
         "bytes": split.n_bytes,
     }
+
+
+def _text_split(cfg, tokenizer, source):
+    """(split, its name): the whole of source, or the run's val split."""
+    if source:
+        return prepare_source(source, tokenizer, cfg.data.cache_dir, progress=True), source
+    return prepare_training(cfg, tokenizer, progress=True)[1]["val"], f"{cfg.data.source} (val)"
+
+
+def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_size=None,
+                 examples=500, attention=False, text=None, attention_map=None):
+    """The eval result (a dict) of a loaded run's model on source or its val split: report()'s
+    figures; on a synthetic task, exact match on `examples` held-out prompts; with attention (or
+    attention_map, a folder for PNG heat maps), the entropy of each layer's and head's attention
+    on `text` (default: the first block_size tokens of the split)."""
+    block_size = block_size or cfg.model.block_size
+    check_context(cfg.model.pos, cfg.model.block_size, block_size)
+    split, name = _text_split(cfg, tokenizer, source)
+    if len(split) < 2:
+        raise InputError(f"{name} has too little text to evaluate ({len(split)} tokens)")
+    device = next(model.parameters()).device
+    loss = split_loss(model, split, block_size, batch_size, device)
+    result = {"source": name, "block_size": block_size, **report(loss, split)}
+    spec = source or cfg.data.source
+    if tasks.is_synthetic(spec):
+        result.update(tasks.evaluate(model, tokenizer, spec, examples))
+    if attention or attention_map:
+        ids = split.tokens[:block_size].tolist() if text is None else tokenizer.encode(text)
+        if not 0 < len(ids) <= block_size:
+            raise InputError(f"--text is {len(ids)} tokens; give 1 to block_size={block_size}")
+        maps = diagnostics.attention_of(model, ids)
+        result["attention"] = diagnostics.entropy_report(maps)
+        if attention_map:
+            from attnlm.plots import attention_maps
+
+            pieces = [tokenizer.decode([i]) for i in ids]
+            paths = attention_maps(maps, result["attention"]["entropy"], pieces, attention_map)
+            result["attention"]["maps"] = [str(p) for p in paths]
+    return result
+
+
+def describe(result):
+    """The lines `attnlm eval` prints for a result of evaluate_run."""
+    lines = [f"{result['source']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+             f"bits/byte {result['bits_per_byte']:.4f} over {result['tokens']:,} tokens"]
+    if "exact_match" in result:
+        lines.append(f"exact match {result['exact_match']:.2%} on {result['examples']} held-out "
+                     f"examples (uniform guessing: {result['chance']:.2g})")
+    if "attention" in result:
+        a = result["attention"]
+        lines.append(f"attention entropy in nats, mean over {a['tokens']} query positions "
+                     f"(uniform attention: {a['max_entropy']:.2f}; log T: {a['log_T']:.2f}):")
+        lines += [f"  layer {layer}: " + "  ".join(f"{e:.2f}" for e in heads)
+                  for layer, heads in enumerate(a["entropy"])]
+        lines += [f"wrote {path}" for path in a.get("maps", [])]
+    return lines

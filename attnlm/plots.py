@@ -4,9 +4,11 @@ global state is involved."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 from attnlm.errors import InputError
+from attnlm.files import atomic_open
 
 
 def _require_matplotlib():
@@ -20,6 +22,15 @@ def _figure(**kwargs):
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
+
+
+def save_png(fig, path, dpi):
+    """Write fig as a PNG at path, atomically; InputError naming the path if it cannot be."""
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def read_metrics(run):
@@ -36,28 +47,65 @@ def read_metrics(run):
     return train, val
 
 
-def loss_curves(runs, out, log_y=False):
+Y_AXES = {"loss": "loss (nats per token)",
+          "bits-per-byte": "bits per byte (loss x val tokens per byte / ln 2)"}
+LEGEND_ROWS = 24  # runs per legend column
+LABEL = 40  # characters of a run's name in the legend
+
+
+def _colours(count):
+    """count distinct colours: the ten of matplotlib's cycle, or evenly spaced along a
+    perceptual colour map when there are more runs than that."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    return [colormaps["turbo"](0.05 + 0.9 * i / (count - 1)) for i in range(count)]
+
+
+def _names(runs):
+    """Each run's path below the folder they share (their name alone for one run), cut to
+    LABEL characters in the middle, where sweep names differ least."""
+    paths = [Path(run).resolve() for run in runs]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    names = [str(p.relative_to(common)) if p != common else p.name for p in paths]
+    half = (LABEL - 1) // 2
+    return [n if len(n) <= LABEL else f"{n[:half]}…{n[-(LABEL - 1 - half):]}" for n in names]
+
+
+def loss_curves(runs, out, log_y=False, y="loss"):
     """Train loss (solid) and val loss (dashed, dots) against step, one colour per run, written
-    to the PNG file out; returns the figure."""
+    to the PNG file out; returns the figure. y="bits-per-byte" scales both by the run's val
+    tokens per byte (gather.tokens_per_byte), so runs with different tokenizers compare. The
+    legend sits beside the axes: one entry per run, in columns of LEGEND_ROWS, and the two line
+    styles explained once."""
     _require_matplotlib()
-    fig = _figure(figsize=(8, 5), layout="constrained")
+    from matplotlib.lines import Line2D
+
+    from attnlm.gather import tokens_per_byte
+
+    columns = math.ceil(len(runs) / LEGEND_ROWS)
+    fig = _figure(figsize=(8 + 2.6 * columns, 5), layout="constrained")
     ax = fig.add_subplot()
-    for i, run in enumerate(runs):
+    handles = []
+    for run, name, colour in zip(runs, _names(runs), _colours(len(runs))):
         train, val = read_metrics(run)
-        colour = f"C{i % 10}"
-        name = Path(run).name or str(run)
+        scale = tokens_per_byte(run) / math.log(2) if y == "bits-per-byte" else 1.0
         if train:
-            ax.plot(*zip(*train), color=colour, linewidth=1, label=f"{name} train")
+            ax.plot([s for s, _ in train], [v * scale for _, v in train], color=colour, linewidth=1)
         if val:
-            ax.plot(*zip(*val), color=colour, linestyle="--", marker="o", markersize=4,
-                    label=f"{name} val")
+            ax.plot([s for s, _ in val], [v * scale for _, v in val], color=colour, linestyle="--",
+                    marker="o", markersize=4)
+        handles.append(Line2D([], [], color=colour, linewidth=3, label=name))
+    handles += [Line2D([], [], color="grey", linewidth=1, label="train"),
+                Line2D([], [], color="grey", linestyle="--", marker="o", markersize=4, label="val")]
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel(Y_AXES[y])
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(out, dpi=110)
+    fig.legend(handles=handles, loc="outside right upper", ncols=columns, fontsize="small")
+    save_png(fig, out, dpi=110)
     return fig
 
 
@@ -100,10 +148,13 @@ def attention_maps(maps, entropies, tokens, out_dir):
     the paths written."""
     _require_matplotlib()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create folder {out_dir}: {err.strerror or err}") from None
     paths = []
     for layer, (probs, layer_entropies) in enumerate(zip(maps, entropies)):
         path = out_dir / f"attention_layer{layer}.png"
-        attention_figure(probs, layer_entropies, tokens, layer).savefig(path, dpi=100)
+        save_png(attention_figure(probs, layer_entropies, tokens, layer), path, dpi=100)
         paths.append(path)
     return paths

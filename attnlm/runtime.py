@@ -11,11 +11,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name):
+    """The torch.device for a device name that config.validate accepted (auto, cpu, cuda,
+    cuda:N); InputError if this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("train.device='cuda' but no CUDA device is available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {name!r} asked for, but no CUDA device is available")
+        if (device.index or 0) >= count:
+            raise InputError(f"device {name!r} does not exist: this machine has {count} CUDA "
+                             f"device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+    return device
 
 
 def set_threads(threads):

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlm.errors import InputError
 
 
 @dataclass(frozen=True)
 class Controls:
-    """How the next token is chosen; the defaults change nothing (plain sampling)."""
+    """How the next token is chosen; the defaults change nothing (plain sampling). Ranges are
+    checked where the values are set, by config.validate (sample.*)."""
 
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 disables
@@ -25,18 +25,11 @@ class Controls:
     min_p: float = 0.0  # 0 disables
     repetition_penalty: float = 1.0  # 1 disables
 
-    def check(self):
-        """Raise an InputError naming the first control out of range."""
-        rules = [
-            ("temperature", self.temperature >= 0, "must not be negative (0 means greedy)"),
-            ("top-k", self.top_k >= 0, "must not be negative (0 disables it)"),
-            ("top-p", 0 < self.top_p <= 1, "must be in (0, 1] (1 disables it)"),
-            ("min-p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 disables it)"),
-            ("repetition-penalty", self.repetition_penalty > 0, "must be positive (1 disables it)"),
-        ]
-        for name, ok, why in rules:
-            if not ok:  # also NaN, for which every comparison is False
-                raise InputError(f"--{name}={getattr(self, name.replace('-', '_'))} {why}")
+    @classmethod
+    def of(cls, sample):
+        """The controls of a SampleConfig (a run config's validated `sample` section)."""
+        return cls(sample.temperature, sample.top_k, sample.top_p, sample.min_p,
+                   sample.repetition_penalty)
 
 
 # Logits processors: (B, V) logits in, (B, V) logits out; a removed token's logit becomes -inf.

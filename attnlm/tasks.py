@@ -21,12 +21,12 @@ come from another stream of the same seed, minus any whose context a training li
 they are unseen by construction.
 """
 
-import difflib
 import random
 from dataclasses import dataclass
 
 import torch
 
+from attnlm.choices import suggest as _suggest
 from attnlm.errors import InputError
 from attnlm.sampling import Controls, generate
 
@@ -124,11 +124,6 @@ def parse(spec):
         if not ok:
             raise InputError(f"data.source={spec!r}: {why}")
     return task
-
-
-def _suggest(name, choices):
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def source_parts(spec):

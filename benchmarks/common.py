@@ -1,4 +1,5 @@
-"""What every benchmark line carries: the machine, torch and the thread count."""
+"""What every benchmark line carries: the machine (its CPU model by name), torch and the thread
+count. Figures from different CPU kinds differ; a figure without its CPU means little."""
 
 import json
 import os
@@ -7,8 +8,8 @@ import platform
 import torch
 
 
-def cpu_model():
-    """The CPU's name (from /proc/cpuinfo on Linux): figures from two machines must not mix."""
+def cpu_name():
+    """The CPU model as the kernel names it (Linux), else what Python's platform module knows."""
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -18,11 +19,11 @@ def cpu_model():
 
 def machine():
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

@@ -94,3 +94,62 @@ def test_triton_without_cuda_is_a_config_error_before_any_work(tmp_path, monkeyp
     result = run("train", "--set", "model.attention=triton", "--out", tmp_path / "r")
     assert result.exit_code == 2 and "needs" in result.stderr, result.output
     assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "mps"], "train.device='mps' must be one of auto, cpu, cuda or cuda:N"),
+    (["--device", "foo"], "train.device='foo' must be one of"),
+    (["--threads", "-1"], "train.threads=-1 must not be negative"),
+    (["--top-p", "1e-300"], "sample.top_p=1e-300 must be in [0.0001, 1]"),
+    (["--repetition-penalty", "1e-300"], "sample.repetition_penalty=1e-300 must be in [0.01, 100]"),
+    (["--temperature", "1e-300"], "sample.temperature=1e-300 must be 0 (greedy) or at least"),
+    (["--max-new-tokens", str(10**30)], "must be at most 100,000,000 tokens"),
+    (["--num-samples", "0"], "sample.num_samples=0 must be positive"),
+    (["--seed", str(2**70)], "sample.seed=1180591620717411303424 must be in [0, 2**64 - 1]"),
+])
+def test_bad_generate_options_are_one_line_exit_2(trained, args, message):
+    result = run("generate", trained[0], "--prompt", "line", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line_exit_2(trained):
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 1}"
+    for command in ("generate", "eval"):
+        result = run(command, trained[0], "--device", missing)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+        assert "does not exist" in result.stderr or "no CUDA device" in result.stderr
+
+
+def test_generate_options_override_the_runs_sample_config(trained):
+    run_dir, _ = trained
+    greedy = run("generate", run_dir, "--prompt", "line", "--max-new-tokens", 12,
+                 "--temperature", 0, "--json")
+    assert greedy.exit_code == 0, greedy.output
+    (sample,) = json.loads(greedy.stdout)["samples"]
+    assert sample["tokens"] == 12  # not the run's sample.max_new_tokens (200)
+    again = run("generate", run_dir, "--prompt", "line", "--max-new-tokens", 12,
+                "--temperature", 0, "--seed", 99, "--json")
+    assert json.loads(again.stdout)["samples"] == [sample]  # greedy: the seed changes nothing
+
+
+def test_generate_into_a_closed_pipe_exits_quietly(trained):
+    """`attnlm generate RUN | head -c 1`: the reader leaves; no traceback, no internal error."""
+    proc = subprocess.Popen([sys.executable, "-m", "attnlm", "generate", str(trained[0]),
+                             "--prompt", "line", "--max-new-tokens", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes anything: its first write meets a closed pipe
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and stderr == ""
+
+
+def test_attention_map_into_an_unwritable_place_is_one_line(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("eval", trained[0], "--attention-map", blocker / "maps")
+    assert result.exit_code == 2, result.output
+    assert f"cannot create folder {blocker / 'maps'}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

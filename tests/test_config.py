@@ -1,12 +1,19 @@
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from attnlm.config import RunConfig, build_config, dump_yaml, from_dict, load_config, to_dict
+from attnlm import choices
+from attnlm.config import (RunConfig, build_config, dump_yaml, from_dict, load_config, read_yaml,
+                           to_dict)
 from attnlm.errors import ConfigError
 from attnlm.model import GPT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_validate():
@@ -80,7 +87,7 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     assert from_dict(to_dict(cfg)) == cfg
 
 
-RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))  # wherever pytest runs
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))  # wherever pytest runs
 
 
 def test_the_shipped_recipes_are_found():
@@ -95,3 +102,77 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     model = GPT(cfg.model, vocab_size=50)
     logits, _ = model(torch.zeros(1, cfg.model.block_size, dtype=torch.long))
     assert logits.shape == (1, cfg.model.block_size, 50)
+
+
+def test_the_shakespeare_recipe_follows_max_iters_and_sets_no_prompt():
+    cfg = load_config(ROOT / "configs" / "shakespeare_char.yaml", ["train.max_iters=500"])
+    assert cfg.train.lr_decay_iters == 0  # the cosine ends at max_iters, however short
+    assert cfg.sample.prompt == ""  # no corpus-specific default prompt
+
+
+def test_importing_the_config_loads_neither_torch_nor_sentencepiece():
+    code = ("import sys, attnlm.config as c; c.build_config(); "
+            "print(sorted(m for m in ('torch', 'sentencepiece') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_the_registries_hold_exactly_the_names_the_config_accepts():
+    from attnlm.attention import BACKENDS
+    from attnlm.positional import SCHEMES
+    from attnlm.runtime import DTYPES
+    from attnlm.tokenizer import KINDS
+
+    assert tuple(BACKENDS) == choices.BACKENDS
+    assert tuple(n for n, b in BACKENDS.items() if b.dropout) == choices.DROPOUT_BACKENDS
+    assert tuple(SCHEMES) == choices.POSITIONAL
+    assert tuple(KINDS) == choices.TOKENIZERS
+    assert tuple(DTYPES) == choices.DTYPES
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=1e30", "train.seed=1000000000000000019884624838656 must be in [0, 2**64 - 1]"),
+    (f"train.seed={2**64}", "train.seed=18446744073709551616 must be in [0, 2**64 - 1]"),
+    ("train.seed=-1", "train.seed=-1 must be in [0, 2**64 - 1]"),
+    ("model.rope_base=inf", "model.rope_base=inf must be a finite number"),
+    ("train.weight_decay=inf", "train.weight_decay=inf must be a finite number"),
+    ("train.grad_clip=nan", "train.grad_clip=nan must be a finite number"),
+    ("train.device=mps", "train.device='mps' must be one of auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda1", "(did you mean 'cuda'?)"),
+    ("train.dtype=bf16", "train.dtype='bf16' must be one of float32, bfloat16, float16"),
+])
+def test_values_that_would_fail_later_are_refused_at_config_time(override, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=[override])
+    assert message in str(err.value) and len(err.value.problems) == 1
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    import torch
+
+    cfg = build_config(overrides=[f"train.seed={2**64 - 1}", "train.device=cuda:3"])
+    torch.Generator().manual_seed(cfg.train.seed)
+    assert cfg.train.device == "cuda:3"  # whether it exists is checked when a run starts
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path):
+    """Nine aliases of nine: a few hundred bytes that expand to 9**7 (4.8 million) items; the
+    message must name the key without printing the value."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdef", "bcdefg"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nmodel: {n_layer: *g}\n")
+    tick = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        build_config(read_yaml(path))
+    assert time.perf_counter() - tick < 5
+    message = str(err.value)
+    assert "model.n_layer=<a list> is not a valid int (expected a single int, not a list)" in message
+    assert len(message) < 400
+
+
+def test_long_values_are_cut_short_in_messages():
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=["model.pos=" + "x" * 10000, "x" * 10000 + ".y=1"])
+    assert len(str(err.value)) < 400 and "xxx..." in str(err.value)

@@ -101,18 +101,44 @@ def test_same_seed_same_draws():
     assert draw(5) == draw(5)
 
 
-@pytest.mark.parametrize("controls, message", [
-    (Controls(temperature=-0.1), "--temperature=-0.1 must not be negative"),
-    (Controls(top_k=-1), "--top-k=-1"),
-    (Controls(top_p=0.0), "--top-p=0.0 must be in (0, 1]"),
-    (Controls(top_p=1.5), "--top-p=1.5"),
-    (Controls(top_p=float("nan")), "--top-p=nan"),
-    (Controls(min_p=-0.1), "--min-p=-0.1 must be in [0, 1]"),
-    (Controls(repetition_penalty=0.0), "--repetition-penalty=0.0 must be positive"),
+def test_controls_are_built_from_the_sample_config():
+    s = build_config(overrides=["sample.temperature=0.5", "sample.top_k=7", "sample.top_p=0.9",
+                                "sample.min_p=0.05", "sample.repetition_penalty=1.3"]).sample
+    assert Controls.of(s) == Controls(temperature=0.5, top_k=7, top_p=0.9, min_p=0.05,
+                                      repetition_penalty=1.3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sample.temperature=-0.1", "sample.temperature=-0.1 must be 0 (greedy) or at least 0.0001"),
+    ("sample.temperature=1e-300", "sample.temperature=1e-300"),
+    ("sample.top_k=-1", "sample.top_k=-1 must not be negative"),
+    ("sample.top_p=0", "sample.top_p=0.0 must be in [0.0001, 1]"),
+    ("sample.top_p=1e-300", "sample.top_p=1e-300 must be in [0.0001, 1]"),
+    ("sample.top_p=1.5", "sample.top_p=1.5"),
+    ("sample.top_p=nan", "sample.top_p=nan must be a finite number"),
+    ("sample.min_p=-0.1", "sample.min_p=-0.1 must be in [0, 1]"),
+    ("sample.repetition_penalty=0", "sample.repetition_penalty=0.0 must be in [0.01, 100]"),
+    ("sample.repetition_penalty=1e-300", "sample.repetition_penalty=1e-300 must be in [0.01, 100]"),
+    ("sample.max_new_tokens=-1", "sample.max_new_tokens=-1 must not be negative"),
+    ("sample.max_new_tokens=1e30", "times sample.num_samples=1 must be at most 100,000,000 tokens"),
+    ("sample.seed=1e30", "sample.seed=1000000000000000019884624838656 must be in [0, 2**64 - 1]"),
 ])
-def test_out_of_range_controls_are_input_errors(controls, message):
+def test_out_of_range_sample_values_are_config_errors(override, message):
     with pytest.raises(InputError, match=re.escape(message)):
-        controls.check()
+        build_config(overrides=[override])
+
+
+def test_the_smallest_allowed_sample_values_still_sample():
+    """The lower ends of the ranges keep every logit finite, so a token is always drawn (below
+    them float32 turns 1e-300 into 0, and the logits into NaN)."""
+    s = build_config(overrides=["sample.temperature=1e-4", "sample.top_p=1e-4",
+                                "sample.repetition_penalty=0.01"]).sample
+    logits = torch.randn(3, 50) * 10
+    for seen in (logits > 0, logits < 0):
+        tokens = next_token(logits, Controls.of(s), seen, torch.Generator().manual_seed(0))
+        assert tokens.shape == (3,)
+    s = build_config(overrides=["sample.repetition_penalty=100"]).sample
+    assert next_token(logits, Controls.of(s), torch.ones(3, 50, dtype=torch.bool)).shape == (3,)
 
 
 def test_config_rejects_out_of_range_sample_values():
@@ -176,3 +202,17 @@ def test_stop_string_inside_a_multibyte_character_sequence():
     decoder, stop = IncrementalDecoder(ByteTokenizer()), StopFilter(["€"])
     shown = [stop.push(decoder.push(b)) for b in "a€b".encode("utf-8")]
     assert "".join(shown) == "a" and stop.stopped
+
+
+def test_a_newline_stop_text_also_ends_a_windows_line():
+    from attnlm.prompt import stop_texts, unescape
+
+    stops = stop_texts([unescape("\\n")])
+    assert stops == ["\n", "\r\n"]
+    crlf = StopFilter(stops)
+    assert crlf.push("first line\r") == "first line"  # the \r may begin a line end: held
+    assert crlf.push("\nsecond") == "" and crlf.stopped
+    lf = StopFilter(stops)
+    assert lf.push("a\rb\n") == "a\rb" and lf.stopped  # a lone \r is text
+    assert stop_texts(["\r\n", "END", ""]) == ["\r\n", "END"]
+    assert stop_texts(["\n\n"]) == ["\n\n", "\r\n\r\n"]

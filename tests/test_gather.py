@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from attnlm import sweep
+from attnlm import config as config_mod, gather
 from attnlm.cli import cli
 from attnlm.errors import InputError
 from tests.helpers import TINY, text_file
@@ -20,18 +20,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_names_are_readable_and_safe():
-    assert sweep.run_name("configs/copy.yaml", ["model.n_head=2", "model.pos=none"]) == "copy_n_head-2_pos-none"
-    assert sweep.run_name(None, []) == "default"
-    name = sweep.run_name(None, ["data.source=synthetic:copy,length=8", "data.source=/tmp/a/ü b.txt"])
+    assert config_mod.run_name("configs/copy.yaml", ["model.n_head=2", "model.pos=none"]) == "copy_n_head-2_pos-none"
+    assert config_mod.run_name(None, []) == "default"
+    name = config_mod.run_name(None, ["data.source=synthetic:copy,length=8", "data.source=/tmp/a/ü b.txt"])
     assert name == "default_source-synthetic_copy_length_8_source-_b.txt"
     # seed is a key of two sections, so it keeps its section
-    assert sweep.run_name(None, ["train.seed=1", "sample.seed=2"]) == "default_train.seed-1_sample.seed-2"
+    assert config_mod.run_name(None, ["train.seed=1", "sample.seed=2"]) == "default_train.seed-1_sample.seed-2"
 
 
 def test_long_run_names_are_cut_and_stay_distinct():
-    a = sweep.run_name(None, [f"model.pos={'x' * 200}a"])
-    b = sweep.run_name(None, [f"model.pos={'x' * 200}b"])
-    assert len(a) == len(b) == sweep.MAX_NAME and a != b
+    a = config_mod.run_name(None, [f"model.pos={'x' * 200}a"])
+    b = config_mod.run_name(None, [f"model.pos={'x' * 200}b"])
+    assert len(a) == len(b) == config_mod.MAX_NAME and a != b
     assert re.fullmatch(r"[A-Za-z0-9._+-]+", a)
 
 
@@ -44,7 +44,7 @@ def test_train_without_out_derives_the_run_directory(tmp_path, monkeypatch):
     (run,) = (tmp_path / "runs").iterdir()
     # many overrides: cut, with a hash of them all at the end
     assert re.fullmatch(r"default_source-corpus\.txt_n_layer-2_n_head-2_.*_[0-9a-f]{10}", run.name)
-    assert len(run.name) == sweep.MAX_NAME
+    assert len(run.name) == config_mod.MAX_NAME
     assert (run / "summary.json").exists()
 
 
@@ -70,17 +70,61 @@ def runs(tmp_path):
 
 
 def test_find_runs_takes_runs_folders_and_globs(runs, tmp_path):
-    assert sweep.find_runs([str(runs)]) == [runs / "a", runs / "b", runs / "c"]
-    assert sweep.find_runs([str(runs / "b"), str(runs / "[ab]")]) == [runs / "b", runs / "a"]
-    with pytest.raises(InputError, match="no run directory there"):
-        sweep.find_runs([str(tmp_path / "nothing*")])
+    warnings = []
+    assert gather.find_runs([str(runs)], warnings.append) == [runs / "a", runs / "b", runs / "c"]
+    assert gather.find_runs([str(runs / "b"), str(runs / "[ab]")], warnings.append) == [runs / "b", runs / "a"]
+    assert warnings == []
+    with pytest.raises(InputError, match="no run directory found"):
+        gather.find_runs([str(tmp_path / "nothing*")], warnings.append)
+    assert warnings == [f"{tmp_path / 'nothing*'}: no run directory there (none holds a config.yaml); skipped"]
+
+
+def test_a_path_that_is_not_a_run_is_skipped_with_a_warning(runs, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes.txt").write_text("not a run")
+    warnings = []
+    found = gather.find_runs([str(tmp_path / "notes"), str(runs / "a"), str(tmp_path / "notes.txt")],
+                             warnings.append)
+    assert found == [runs / "a"]
+    assert [w.split(":")[0] for w in warnings] == [str(tmp_path / "notes"), str(tmp_path / "notes.txt")]
+    result = CliRunner().invoke(cli, ["gather", str(tmp_path / "notes"), str(runs)])
+    assert result.exit_code == 0 and "notes: no run directory there" in result.stderr
+    assert str(runs / "b") in result.stdout
+
+
+def test_a_folder_of_folders_of_runs_is_searched_at_any_depth(runs, tmp_path):
+    fake_run(tmp_path / "s" / "deeper" / "sweep2" / "d", {"model": {"n_layer": 3}}, {"steps": 5})
+    (tmp_path / "s" / "a" / "checkpoints").mkdir()  # folders inside a run hold no runs
+    found = gather.find_runs([str(tmp_path / "s")], print)
+    assert found == [runs / "a", runs / "b", runs / "c", runs / "deeper" / "sweep2" / "d"]
 
 
 def test_table_has_varying_config_summary_and_eval_columns(runs):
-    columns, rows, left_out = sweep.table(sweep.find_runs([str(runs)]))
+    warnings = []
+    columns, rows = gather.table(gather.find_runs([str(runs)], warnings.append), warnings.append)
     assert columns == ["run", "model.n_head", "steps", "val_loss", "eval_loss", "eval_exact_match"]
     assert rows == [[str(runs / "a"), 1, 10, 2.5, 2.4, 0.5], [str(runs / "b"), 4, 10, 2.25, 2.2, 0.75]]
-    assert left_out == [runs / "c"]
+    assert warnings == [f"{runs / 'c'} has no summary.json (still running or failed); left out"]
+
+
+@pytest.mark.parametrize("corrupt", [
+    {"config.yaml": "model: [unclosed"},  # not YAML
+    {"config.yaml": "model:\n  n_layer: many\n"},  # not a valid config
+    {"config.yaml": "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+                    "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+                    "model: {n_layer: *f}\n"},  # an alias bomb
+    {"summary.json": '{"steps": 10, "val_'},  # torn
+    {"eval.json": "[1, 2]"},  # not an object
+])
+def test_one_corrupt_run_is_left_out_with_a_warning_and_the_rest_gathered(runs, corrupt):
+    ((name, text),) = corrupt.items()
+    (runs / "a" / name).write_text(text)
+    result = CliRunner().invoke(cli, ["gather", str(runs), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {runs / 'a'} left out: " in result.stderr and len(result.stderr) < 500
+    (header, row) = list(csv.reader(io.StringIO(result.stdout)))
+    assert row[0] == str(runs / "b")
 
 
 def test_gather_prints_csv_and_markdown(runs):

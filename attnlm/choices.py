@@ -1,0 +1,27 @@
+"""The names a config value may take, defined once and torch-free: the config validates against
+them, the CLI offers them, and each registry (attention backends, positional schemes,
+tokenizers) is tested to hold exactly these."""
+
+import difflib
+import re
+
+BACKENDS = ("naive", "sdpa", "tiled", "triton")
+DROPOUT_BACKENDS = ("naive", "sdpa")  # those that can drop attention probabilities
+POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
+TOKENIZERS = ("bytes", "chars", "bpe", "unigram")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several
+
+
+def device_problem(name):
+    """Why `name` is not a device attnlm can run on, or None; whether CUDA device N exists is
+    known only at run time (runtime.resolve_device)."""
+    if name in DEVICES or re.fullmatch(r"cuda:\d+", name):
+        return None
+    return f"must be one of {', '.join(DEVICES)} or cuda:N{suggest(name, DEVICES)}"
+
+
+def suggest(name, choices):
+    """' (did you mean 'x'?)' for the nearest of choices, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
