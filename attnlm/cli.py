@@ -53,7 +53,7 @@ def cli(ctx, debug):
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             help="YAML config file (see configs/).")
+                             help="YAML config file, or a shipped recipe by name (shakespeare_char, copy, associative_recall).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override one config value; repeatable. Wins over --config.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")

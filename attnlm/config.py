@@ -175,7 +175,28 @@ def _merge_yaml(tree, doc, problems):
                 _set(tree, f"{section}.{name}", value, problems, from_text=False)
 
 
-def read_yaml(path):
+RECIPES = Path(__file__).with_name("recipes")  # shipped inside the package: found by name
+
+
+def recipe_names():
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def config_file(name):
+    """A --config value as a path: a file that exists, else a shipped recipe named by it
+    (`shakespeare_char` or `shakespeare_char.yaml`)."""
+    path = Path(name)
+    if path.exists() or path.parent != Path("."):
+        return path
+    recipe = RECIPES / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if recipe.is_file():
+        return recipe
+    raise InputError(f"--config {name}: no such file, and no recipe of that name "
+                     f"(recipes: {', '.join(recipe_names())})")
+
+
+def read_yaml(name):
+    path = config_file(name)
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)

@@ -51,7 +51,7 @@ class Sinusoidal(nn.Module):
 
     # The token embeddings' initial standard deviation (model.GPT). At amplitude 1 the positions
     # outweigh the tokens some 35 times and training is far slower: Tiny Shakespeare, the model of
-    # configs/shakespeare_char.yaml, val loss after 250 and 1000 steps 3.36 and 2.57 at amplitude
+    # the shakespeare_char recipe, val loss after 250 and 1000 steps 3.36 and 2.57 at amplitude
     # 1, 2.43 and 2.15 at 0.02 (learned positions: 2.44 and 2.14).
     AMPLITUDE = 0.02
 

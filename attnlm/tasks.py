@@ -34,7 +34,7 @@ PREFIX = "synthetic:"
 SEPARATOR = "|"
 KEYS = "abcdefghijklmnopqrstuvwxyz"  # symbols of copy and reverse; keys of recall
 VALUES = KEYS.upper()  # values of recall, apart from its keys
-DEFAULTS = {  # copy and recall: >= 99% within minutes (configs/copy.yaml, associative_recall.yaml)
+DEFAULTS = {  # copy and recall: >= 99% within minutes (recipes copy and associative_recall)
     "copy": {"length": 16, "vocab": 8},
     "reverse": {"length": 16, "vocab": 8},
     "associative_recall": {"length": 8, "vocab": 16},  # length: key-value pairs

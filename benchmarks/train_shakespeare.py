@@ -1,4 +1,4 @@
-"""Training throughput and quality of configs/shakespeare_char.yaml on Tiny Shakespeare.
+"""Training throughput and quality of the shakespeare_char recipe on Tiny Shakespeare.
 
 Prints one JSON line per run: tokens/s over the training steps alone (evaluation and checkpoints
 excluded) and the final loss over the whole val split. Then the same for the published recipe's
@@ -49,7 +49,7 @@ def main():
 
 
 def measure(args, overrides):
-    cfg = load_config(ROOT / "configs/shakespeare_char.yaml",
+    cfg = load_config("shakespeare_char",
                       [f"data.source={args.data}", f"train.threads={args.threads}",
                        "train.eval_interval=100000", *overrides])
     with tempfile.TemporaryDirectory() as out:

@@ -8,9 +8,10 @@ import torch
 import yaml
 
 from attnlm import choices
+from attnlm import config as config_mod
 from attnlm.config import (RunConfig, build_config, dump_yaml, from_dict, load_config, read_yaml,
                            to_dict)
-from attnlm.errors import ConfigError
+from attnlm.errors import ConfigError, InputError
 from attnlm.model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,11 +88,22 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     assert from_dict(to_dict(cfg)) == cfg
 
 
-RECIPES = sorted((ROOT / "configs").glob("*.yaml"))  # wherever pytest runs
+RECIPES = sorted(config_mod.RECIPES.glob("*.yaml"))  # shipped in the package, wherever pytest runs
 
 
 def test_the_shipped_recipes_are_found():
     assert {p.stem for p in RECIPES} >= {"copy", "associative_recall", "shakespeare_char"}
+
+
+def test_a_recipe_is_found_by_name_and_a_file_by_path(tmp_path, monkeypatch):
+    assert load_config("copy") == load_config("copy.yaml") == load_config(config_mod.RECIPES / "copy.yaml")
+    (tmp_path / "copy.yaml").write_text("train:\n  max_iters: 7\n")
+    monkeypatch.chdir(tmp_path)  # a file of that name here wins over the recipe
+    assert load_config("copy.yaml").train.max_iters == 7
+    with pytest.raises(InputError, match="no recipe of that name .recipes: associative_recall, copy"):
+        load_config("cpy")
+    with pytest.raises(InputError, match="cannot read config elsewhere/copy.yaml"):
+        load_config("elsewhere/copy.yaml")  # a path is a path, never a recipe
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -105,7 +117,7 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
 
 
 def test_the_shakespeare_recipe_follows_max_iters_and_sets_no_prompt():
-    cfg = load_config(ROOT / "configs" / "shakespeare_char.yaml", ["train.max_iters=500"])
+    cfg = load_config("shakespeare_char", ["train.max_iters=500"])
     assert cfg.train.lr_decay_iters == 0  # the cosine ends at max_iters, however short
     assert cfg.sample.prompt == ""  # no corpus-specific default prompt
 
