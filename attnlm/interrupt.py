@@ -7,8 +7,11 @@ the first step runs in a worker thread while the main thread waits, so signals r
 handler within a fraction of a second even while C code (SentencePiece) runs.
 """
 
+import atexit
 import contextlib
+import os
 import signal
+import sys
 import threading
 
 from attnlm.errors import AttnlmError
@@ -31,22 +34,38 @@ class Flag:
     def run(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) in a worker thread; stops waiting for it (Interrupted) as soon as a
         signal came. The worker is a daemon: an abandoned one ends with the process."""
-        result = {}
+        result, done = {}, threading.Event()
 
         def work():
             try:
                 result["value"] = fn(*args, **kwargs)
             except BaseException as err:  # handed to the main thread as it is
                 result["error"] = err
+            finally:
+                done.set()
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(POLL_S)
-            self.check()
+        threading.Thread(target=work, daemon=True).start()
+        try:
+            while not done.wait(POLL_S):
+                self.check()
+        except BaseException:
+            _exit_early_if_running(done)
+            raise
         if "error" in result:
             raise result["error"]
         return result["value"]
+
+
+def _exit_early_if_running(done):
+    """A worker left inside C++ code (SentencePiece) makes the C++ runtime abort the process
+    at exit; if it still runs then, end the process at once, as interrupted."""
+    def exit_now():
+        if not done.is_set():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(Interrupted.exit_code)
+
+    atexit.register(exit_now)
 
 
 _current = None

@@ -81,13 +81,17 @@ def test_a_signal_at_start_up_stops_the_run_with_nothing_written(tmp_path, delay
 
 def test_a_signal_during_data_preparation_stops_at_once(tmp_path, monkeypatch):
     """Tokenizer training and encoding run in C for long stretches: the signal must not wait."""
-    monkeypatch.setattr("attnlm.train.prepare_training", lambda *a, **k: time.sleep(30))
+    busy = threading.Event()  # a long stretch of work that the signal must not wait for
+    monkeypatch.setattr("attnlm.train.prepare_training", lambda *a, **k: busy.wait(30))
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
     tick = time.monotonic()
-    with pytest.raises(Interrupted, match="nothing was written"):
-        train(tiny_config(text_file(tmp_path)), tmp_path / "r", quiet=True)
-    assert time.monotonic() - tick < 5
-    assert not (tmp_path / "r").exists()
+    try:
+        with pytest.raises(Interrupted, match="nothing was written"):
+            train(tiny_config(text_file(tmp_path)), tmp_path / "r", quiet=True)
+        assert time.monotonic() - tick < 5
+        assert not (tmp_path / "r").exists()
+    finally:
+        busy.set()  # the abandoned worker ends
 
 
 def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
