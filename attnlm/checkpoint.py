@@ -1,104 +1,106 @@
-"""Checkpoints: written atomically, loaded without executing anything, with a format version.
+"""Checkpoint files: written atomically with a checksum, loaded without executing anything and
+verified, with a format version. What a checkpoint means for a run lives in attnlm.run.
 
-A checkpoint holds the resolved config and tokenizer state beside the weights, so it alone
-rebuilds the model.
+Format 2 adds `sha256`, a digest of every value in the payload (tensor bytes included), so a
+flipped bit anywhere is found at load. Format 1 files (no checksum) still load.
 """
 
-import dataclasses
-import os
-from pathlib import Path
+import errno
+import hashlib
+import pickle
 
 import torch
 
-from attnlm import config as config_mod
-from attnlm import tokenizer as tokenizer_mod
-from attnlm.attention import BACKENDS, check_backend
-from attnlm.errors import AttnlmError, InputError
+from attnlm.errors import AttnlmError
+from attnlm.files import atomic_open
 
-FORMAT_VERSION = 1
-FILENAME = "checkpoint.pt"
+FORMAT_VERSION = 2
+READABLE = (1, 2)
+NO_SPACE = ("unexpected pos", "file write failed")  # what torch's writer says on a full disk
+
+
+def _digest(value, h):
+    """Feed a payload into hash `h` in its own order (dicts keep insertion order)."""
+    if isinstance(value, torch.Tensor):
+        h.update(f"tensor {value.dtype} {tuple(value.shape)}".encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)}".encode())
+        for key, item in value.items():
+            _digest(key, h)
+            _digest(item, h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)}".encode())
+        for item in value:
+            _digest(item, h)
+    else:
+        h.update(f"{type(value).__name__} {value!r}".encode())
+
+
+def checksum(payload):
+    h = hashlib.sha256()
+    _digest(payload, h)
+    return h.hexdigest()
+
+
+def non_finite(weights):
+    """Names of floating-point tensors in a state dict holding NaN or infinity."""
+    return [name for name, t in weights.items() if isinstance(t, torch.Tensor)
+            and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def save(payload, path):
-    """Write to a temporary file in the same folder, flush it to disk, then rename it over the
-    old one: a crash at any moment leaves either the old or the new checkpoint, whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write the payload, its format and checksum to `path`: whole or not at all. Refuses
+    non-finite model weights, so a diverged model never replaces a good checkpoint."""
+    if bad := non_finite(payload.get("model", {})):
+        raise AttnlmError(f"the model's weights are not finite ({bad[0]}); not saved over "
+                          f"{path}, which is kept")
+    payload = {"format": FORMAT_VERSION, **payload}
+    payload["sha256"] = checksum(payload)
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def save_rotating(payload, run_dir, step, keep_last=0):
-    """Save the run's checkpoint.pt; with keep_last > 0 also keep the last N as
-    checkpoints/step-NNNNNNN.pt (hard links to the same bytes: no extra disk)."""
-    run_dir = Path(run_dir)
-    save(payload, run_dir / FILENAME)
-    if keep_last:
-        folder = run_dir / "checkpoints"
-        folder.mkdir(exist_ok=True)
-        kept = folder / f"step-{step:07d}.pt"
-        kept.unlink(missing_ok=True)
-        os.link(run_dir / FILENAME, kept)
-        for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
-            old.unlink()
-
-
-def checkpoint_path(run):
-    """The checkpoint of a run directory, or a checkpoint file itself."""
-    path = Path(run)
-    if path.is_dir():
-        path = path / FILENAME
-        if not path.exists():
-            raise InputError(f"{run} holds no {FILENAME} (is it a run directory?)")
-    elif not path.exists():
-        raise InputError(f"{run}: no such run directory or checkpoint")
-    return path
+        with atomic_open(path, "wb") as f:
+            torch.save(payload, f)
+    except (OSError, RuntimeError) as err:
+        if getattr(err, "errno", None) == errno.ENOSPC or any(s in str(err) for s in NO_SPACE):
+            raise AttnlmError(f"no space left on the device to write {path}; the last "
+                              "checkpoint is kept") from None
+        if isinstance(err, OSError):
+            raise AttnlmError(f"cannot write {path}: {err.strerror}; the last checkpoint is "
+                              "kept") from None
+        raise
 
 
 def load(path):
-    """A checkpoint's contents, with tensors on the CPU. weights_only: nothing in it can run code."""
+    """A checkpoint's verified contents, with tensors on the CPU. weights_only: nothing in it can
+    run code. Every failure is one line of our own (torch's text suggests unsafe loading)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AttnlmError(f"{path} is not a readable attnlm checkpoint ({reason[:200]})") from None
+    except OSError as err:
+        raise AttnlmError(f"cannot read {path}: {err.strerror or err}") from None
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # the pickle names a function or class to call
+            raise AttnlmError(f"{path} holds Python objects that could run code when loaded; "
+                              "refused (attnlm checkpoints hold tensors and plain values only)") from None
+        raise AttnlmError(f"{path} is not a readable attnlm checkpoint (truncated or damaged)") from None
+    except Exception:  # torch raises many types for truncated or foreign files
+        raise AttnlmError(f"{path} is not a readable attnlm checkpoint (truncated, damaged or "
+                          "not a checkpoint)") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise AttnlmError(f"{path} is not an attnlm checkpoint")
-    if ckpt["format"] != FORMAT_VERSION:
+    if ckpt["format"] not in READABLE:
         raise AttnlmError(f"{path} has checkpoint format {ckpt['format']!r}; this attnlm reads "
-                          f"format {FORMAT_VERSION}")
+                          f"formats {', '.join(map(str, READABLE))}")
+    if ckpt["format"] >= 2:
+        stored = ckpt.pop("sha256", None)
+        if stored != checksum(ckpt):
+            raise AttnlmError(f"{path} is corrupt: its contents do not match its checksum")
+    if bad := non_finite(ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {}):
+        raise AttnlmError(f"{path} holds non-finite weights ({bad[0]}); refused")
     return ckpt
 
 
 def load_model(run, device="cpu"):
-    """(model in eval mode, tokenizer, config, checkpoint) from a run directory or checkpoint."""
-    from attnlm.model import GPT
+    """Kept for callers not yet moved to attnlm.run.load_model."""
+    from attnlm.run import load_model
 
-    ckpt = load(checkpoint_path(run))
-    cfg = config_mod.from_dict(ckpt["config"])
-    tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"])
-    rows = ckpt["model"]["tok_emb.weight"].size(0)
-    if rows != tokenizer.vocab_size:
-        raise InputError(f"{run}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
-                         f"was trained on {rows}; they do not belong together")
-    if BACKENDS[cfg.model.attention].cuda_only and torch.device(device).type != "cuda":
-        # Same algorithm, same numbers: a model trained with a CUDA kernel still runs on the CPU.
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="tiled"))
-    check_backend(cfg.model.attention, torch.device(device))
-    model = GPT(cfg.model, tokenizer.vocab_size)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise AttnlmError(f"{run}: weights do not fit the saved config ({str(err).splitlines()[0]})") from None
-    return model.to(device).eval(), tokenizer, cfg, ckpt
+    return load_model(run, device)

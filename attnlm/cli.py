@@ -124,26 +124,26 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
 
     Ctrl-C stops after the current step, saves a checkpoint and exits 130; --resume continues.
     """
-    from attnlm import train as train_mod
+    from attnlm.interrupt import deferred_interrupts
 
-    out = out or _run_name(config_path, overrides)
-    doc = config_mod.read_yaml(config_path) if config_path else None
-    if resume:
-        cfg = train_mod.resume_config(out, doc, overrides)
-    else:
-        cfg = config_mod.build_config(doc, overrides)
-    if dry_run:
-        from attnlm.data import resolve_source
+    with deferred_interrupts():  # first of all: no signal is lost, not even during imports
+        from attnlm import run, train as train_mod
 
-        resolve_source(cfg.data.source)
-        tree = config_mod.to_dict(cfg)
-        click.echo(json.dumps(tree) if as_json else yaml.safe_dump(tree, sort_keys=False), nl=as_json)
-        return
-    summary = train_mod.train(cfg, out, resume=resume, quiet=quiet)
-    if as_json:
+        out = out or _run_name(config_path, overrides)
+        doc = config_mod.read_yaml(config_path) if config_path else None
+        cfg = train_mod.configure(doc, overrides, out, resume)
+        if dry_run:
+            train_mod.dry_run(cfg, out, resume, quiet)
+            tree = config_mod.to_dict(cfg)
+            click.echo(json.dumps(tree) if as_json else yaml.safe_dump(tree, sort_keys=False), nl=as_json)
+            return
+        summary = train_mod.train(cfg, out, resume=resume, quiet=quiet)
+    if summary is None:
+        click.echo(json.dumps(run.read_summary(out)) if as_json else
+                   f"{out} has already run train.max_iters={cfg.train.max_iters} steps; nothing "
+                   "trained, summary.json left as it was (raise train.max_iters to go on)")
+    elif as_json:
         click.echo(json.dumps(summary))
-    elif summary["val_loss"] is None:
-        click.echo(f"{out} has already run its {summary['steps']} steps; raise train.max_iters to go on")
     else:
         click.echo(f"trained {summary['steps']} steps into {out}: val loss {summary['val_loss']:.4f}, "
                    f"{summary['tokens_per_s'] or 0:,.0f} tokens/s")

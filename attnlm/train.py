@@ -1,29 +1,26 @@
 """The training loop: teacher forcing, AdamW, warmup + cosine schedule, periodic eval and
 checkpoints, exact resume, graceful interruption."""
 
-import contextlib
-import fcntl
-import json
+import dataclasses
 import math
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from attnlm import checkpoint, config as config_mod, tokenizer as tokenizer_mod
+from attnlm import checkpoint, config as config_mod, run, tokenizer as tokenizer_mod
 from attnlm.attention import check_backend
 from attnlm.data import BatchSampler, need_tokens, prepare_training
 from attnlm.errors import AttnlmError, InputError
 from attnlm.evaluate import split_loss
+from attnlm.interrupt import Interrupted, deferred_interrupts
 from attnlm.model import GPT
 from attnlm.runtime import autocast, resolve_device, set_threads, slow_dtype_warning
 
-
-class Interrupted(AttnlmError):
-    exit_code = 130
+OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator")  # the CPU's RuntimeError
 
 
 def lr_at(step, t):
@@ -37,6 +34,23 @@ def lr_at(step, t):
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
+def fix_schedule(cfg):
+    """The decay horizon is fixed when a run starts: lr_decay_iters=0 becomes max_iters, and is
+    saved so, so that raising max_iters on resume does not stretch the cosine again."""
+    if cfg.train.lr_decay_iters:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, lr_decay_iters=cfg.train.max_iters))
+
+
+def describe_schedule(t, step):
+    end = t.lr_decay_iters or t.max_iters
+    if step < end:
+        return f"lr schedule: cosine to {t.min_lr:g} at step {end}, then flat at {t.min_lr:g}"
+    return (f"lr schedule: flat at {t.min_lr:g} (the cosine ended at step {end}; "
+            "train.lr_decay_iters sets another horizon)")
+
+
 def make_optimizer(model, t, device):
     """AdamW with weight decay on matrices only (not on biases, norms' gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -47,170 +61,194 @@ def make_optimizer(model, t, device):
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
 
 
-@contextlib.contextmanager
-def run_lock(out):
-    """One process per run directory: a second one is refused rather than interleaving files."""
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{out} is in use by another attnlm process") from None
-        yield
-
-
-@contextlib.contextmanager
-def deferred_interrupts():
-    """Ctrl-C and SIGTERM set a flag; the loop finishes its step, saves, then stops."""
-    flag = {"signal": None}
-
-    def handler(signum, frame):
-        if flag["signal"] is not None:  # asked twice: stop now; the last checkpoint stands
-            raise KeyboardInterrupt
-        flag["signal"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+def configure(yaml_doc, overrides, out, resume=False):
+    """The config of a new run, or that of the run in `out` with new overrides on top."""
+    if resume:
+        return resume_config(out, yaml_doc, overrides)
+    return fix_schedule(config_mod.build_config(yaml_doc, overrides))
 
 
 def resume_config(out, yaml_doc, overrides):
     """The saved config of a run with new overrides on top (e.g. more train.max_iters); the
     model, tokenizer and data must stay as they were."""
-    saved = config_mod.from_dict(checkpoint.load(checkpoint.checkpoint_path(out))["config"])
-    cfg = config_mod.build_config(yaml_doc, overrides, base=saved)
+    ckpt = run.load_checkpoint(out)
+    run.check_files_agree(out, ckpt)
+    saved = fix_schedule(config_mod.from_dict(ckpt["config"]))
+    cfg = fix_schedule(config_mod.build_config(yaml_doc, overrides, base=saved))
     for section in ("model", "tokenizer", "data"):
         if getattr(cfg, section) != getattr(saved, section):
             raise InputError(f"cannot change the {section} section when resuming {out}")
     return cfg
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step or evaluation."""
-
-    def __init__(self, path, keep_until=None):
-        self.path = path
-        if keep_until is not None and path.exists():  # drop what came after the checkpoint
-            lines = [l for l in path.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if json.loads(l)["step"] <= keep_until]
-            path.write_text("".join(l + "\n" for l in kept))
-
-    def write(self, **record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+@dataclass
+class Ready:
+    """What preflight found and built: everything a run needs before its first step."""
+    device: torch.device
+    amp: object
+    tokenizer: object
+    splits: dict
+    data_sha256: str
 
 
-def train(cfg, out, resume=False, quiet=False):
-    """Train per cfg into run directory `out`; returns the summary (also in summary.json)."""
-    out = Path(out)
-    if not resume and (out / checkpoint.FILENAME).exists():
-        raise InputError(f"{out} already holds a run; pass --resume to continue it or choose "
-                         "another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out), deferred_interrupts() as interrupt:
-        return _train(cfg, out, resume, quiet, interrupt)
-
-
-def _train(cfg, out, resume, quiet, interrupt):
+def preflight(cfg, ckpt=None, progress=False):
+    """Every check `train` makes before its first step, shared with --dry-run: device, backend
+    and dtype on that device, the data source (readable, UTF-8, enough text for block_size),
+    the tokenizer, and on resume that the text is the one the run started on."""
     t, m = cfg.train, cfg.model
     set_threads(t.threads)
     device = resolve_device(t.device)
     check_backend(m.attention, device)
-    amp = autocast(device, t.dtype)  # validates dtype against the device up front
-    if not quiet and (warning := slow_dtype_warning(device, t.dtype)):
-        print(warning, file=sys.stderr)
-    torch.manual_seed(t.seed)
-    ckpt = checkpoint.load(out / checkpoint.FILENAME) if resume else None
+    amp = autocast(device, t.dtype)
     tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"]) if ckpt else None
-    tokenizer, splits = prepare_training(cfg, tokenizer, progress=not quiet)
+    with deferred_interrupts() as interrupt:  # tokenizer training and encoding can take minutes
+        tokenizer, splits = interrupt.run(prepare_training, cfg, tokenizer, progress=progress)
     need_tokens(splits["train"], "train", m.block_size)
     need_tokens(splits["val"], "val", m.block_size)
+    digest = checkpoint.checksum({name: split.tokens for name, split in splits.items()})
+    if ckpt and ckpt.get("data_sha256", digest) != digest:
+        raise InputError(f"the text of data.source={cfg.data.source!r} changed since this run "
+                         "started; resuming would train on other text. Start a new run")
+    return Ready(device, amp, tokenizer, splits, digest)
 
+
+def dry_run(cfg, out, resume=False, quiet=False):
+    """The checks of `train` up to its first step; writes nothing into the run directory."""
+    if not resume:
+        run.refuse_existing(out)
+    preflight(cfg, run.load_checkpoint(out) if resume else None, progress=not quiet)
+
+
+def _out_of_memory(err):
+    return isinstance(err, torch.OutOfMemoryError) or any(s in str(err) for s in OUT_OF_MEMORY)
+
+
+def diverged(val_loss, vocab_size):
+    """A val loss no model worth keeping has: not finite, or over twice that of guessing
+    uniformly (ln V), which even an untrained model scores about."""
+    return not math.isfinite(val_loss) or val_loss > 2 * math.log(max(vocab_size, 2))
+
+
+def train(cfg, out, resume=False, quiet=False):
+    """Train per cfg into run directory `out`; returns the summary (also in summary.json), or
+    None for a resumed run that has already run train.max_iters steps (left as it was)."""
+    out = Path(out)
+    with deferred_interrupts() as interrupt, run.lock(out):
+        if not resume:
+            run.refuse_existing(out)
+        return _train(cfg, out, resume, quiet, interrupt)
+
+
+def _train(cfg, out, resume, quiet, interrupt):
+    cfg = cfg if resume else fix_schedule(cfg)
+    t, m = cfg.train, cfg.model
+    ckpt = run.load_checkpoint(out) if resume else None
+    if ckpt and ckpt["step"] >= t.max_iters:
+        return None
+    ready = preflight(cfg, ckpt, progress=not quiet)
+    device, tokenizer, splits = ready.device, ready.tokenizer, ready.splits
+    show_bar = not quiet and sys.stderr.isatty()
+    say = (lambda msg: None) if quiet else tqdm.write if show_bar else run.note
+    if warning := slow_dtype_warning(device, t.dtype):
+        say(warning)
+    torch.manual_seed(t.seed)
     model = GPT(m, tokenizer.vocab_size).to(device)
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "float16")
     sampler = BatchSampler(splits["train"], m.block_size, t.batch_size, t.seed, device)
-    step, best_val = 0, float("inf")
+    step, best_val = 0, math.inf
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
-    else:
-        config_mod.dump_yaml(cfg, out / "config.yaml")
-        tokenizer_mod.save(tokenizer, out / "tokenizer.json")
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until=step)
+    interrupt.check()  # the last moment at which nothing has been written
+    metrics = run.MetricsLog(out)
+    saved = {"step": step if ckpt else None, "config": False}
 
     def save():
-        checkpoint.save_rotating({
+        if not saved["config"]:  # config.yaml changes with the first checkpoint of this process
+            run.write_config(out, cfg)
+            saved["config"] = True
+        run.save_checkpoint(out, {
             "config": config_mod.to_dict(cfg), "tokenizer": tokenizer.state(),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(), "rng": {"torch": torch.get_rng_state()},
-            "step": step, "best_val_loss": best_val,
-        }, out, step, t.keep_last)
+            "step": step, "best_val_loss": best_val, "data_sha256": ready.data_sha256,
+        }, t.keep_last)
+        saved["step"] = step
 
-    def evaluate():
-        return split_loss(model, splits["val"], m.block_size, t.batch_size, device, t.dtype,
-                          max_batches=t.eval_iters, seed=t.seed)
+    if ckpt:
+        metrics.resume(step)
+        say(describe_schedule(t, step))
+    else:  # the run directory is whole from here: a run that fails later can be resumed
+        run.write_tokenizer(out, tokenizer)
+        metrics.start()
+        save()
 
     tokens_per_step = t.batch_size * t.grad_accum * m.block_size
-    show_bar = not quiet and sys.stderr.isatty()
     bar = tqdm(total=t.max_iters, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
-    say = (lambda msg: None) if quiet else tqdm.write if show_bar else (lambda msg: print(msg, file=sys.stderr))
-    train_time, start_step, loss_value, val_loss = 0.0, step, float("nan"), None
+    train_time, start_step, val_loss = 0.0, step, None
     model.train()
-    while step < t.max_iters:
-        if interrupt["signal"] is not None:
-            save()
-            bar.close()
-            raise Interrupted(f"interrupted at step {step}; checkpoint saved, continue with --resume")
-        tick = time.perf_counter()
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_value = 0.0
-        for _ in range(t.grad_accum):
-            x, y = sampler.next()
-            try:
-                with amp:
+    try:
+        while step < t.max_iters:
+            if interrupt.signal is not None:
+                if saved["step"] != step:
+                    save()
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+            tick = time.perf_counter()
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_value = 0.0
+            for _ in range(t.grad_accum):
+                x, y = sampler.next()
+                with ready.amp:
                     _, loss = model(x, y)
                 scaler.scale(loss / t.grad_accum).backward()
-            except torch.OutOfMemoryError:
-                raise AttnlmError(
-                    f"out of memory at step {step + 1}; try a smaller train.batch_size or "
-                    "model.block_size, or raise train.grad_accum (the last checkpoint is kept)"
-                ) from None
-            loss_value += loss.item() / t.grad_accum
-        if not math.isfinite(loss_value):
-            raise AttnlmError(f"loss became {loss_value} at step {step + 1}; stopped, the last "
-                              "good checkpoint is kept (try a lower train.lr)")
-        if t.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_time += time.perf_counter() - tick
-        tokens_per_s = (step - start_step) * tokens_per_step / train_time
-        bar.update(1)
-        if step % t.log_interval == 0 or step == t.max_iters:
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            metrics.write(step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)
-        if step % t.eval_interval == 0 or step == t.max_iters:
-            val_loss = evaluate()
-            best_val = min(best_val, val_loss)
-            metrics.write(step=step, val_loss=val_loss)
-            say(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
-            save()
-    bar.close()
+                loss_value += loss.item() / t.grad_accum
+            if not math.isfinite(loss_value):
+                raise AttnlmError(f"loss became {loss_value} at step {step + 1}; stopped, the "
+                                  "last good checkpoint is kept (try a lower train.lr)")
+            if t.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_time += time.perf_counter() - tick
+            tokens_per_s = (step - start_step) * tokens_per_step / train_time
+            bar.update(1)
+            if step % t.log_interval == 0 or step == t.max_iters:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                metrics.write(step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)
+            if step % t.eval_interval == 0 or step == t.max_iters:
+                val_loss = split_loss(model, splits["val"], m.block_size, t.batch_size, device,
+                                      t.dtype, max_batches=t.eval_iters, seed=t.seed)
+                if diverged(val_loss, tokenizer.vocab_size):
+                    raise AttnlmError(
+                        f"val loss {val_loss:.4g} at step {step}: the model diverged; stopped, the "
+                        f"checkpoint of step {saved['step']} is kept (resume with a lower "
+                        "train.lr: --resume --set train.lr=...)")
+                best_val = min(best_val, val_loss)
+                metrics.write(step=step, val_loss=val_loss)
+                say(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+                save()
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(err):
+            raise
+        raise AttnlmError(
+            f"out of memory at step {step + 1}; try a smaller train.batch_size or "
+            "model.block_size, or raise train.grad_accum (the last checkpoint is kept)"
+        ) from None
+    finally:
+        bar.close()
     summary = {
         "steps": step, "train_loss": loss_value, "val_loss": val_loss, "best_val_loss": best_val,
         "tokens_per_s": (step - start_step) * tokens_per_step / train_time if train_time else None,
         "train_time_s": train_time, "params": model.num_params(), "out": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.write_summary(out, summary)
     return summary

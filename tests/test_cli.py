@@ -61,7 +61,7 @@ def test_eval_on_another_source(trained, tmp_path):
 @pytest.mark.parametrize("args, code, message", [
     (["train", "--set", "model.n_heads=2"], 2, "did you mean 'model.n_head'"),
     (["train", "--set", "model.n_embd=100", "--set", "model.n_head=3"], 2, "not divisible"),
-    (["train", "--config", "missing.yaml"], 2, "cannot read config missing.yaml"),
+    (["train", "--config", "missing.yaml"], 2, "--config missing.yaml: no such file, and no recipe"),
     (["train", "--set", "data.source=/no/such/file.txt"], 2, "no such file or folder"),
     (["generate", "/no/such/run"], 2, "no such run directory or checkpoint"),
     (["eval", "/no/such/run"], 2, "no such run directory or checkpoint"),

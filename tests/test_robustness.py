@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,9 +15,10 @@ import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from attnlm import checkpoint
+from attnlm import checkpoint, run as run_mod
 from attnlm.cli import cli
 from attnlm.config import KEYS
+from attnlm.interrupt import Interrupted
 from attnlm.train import train
 from tests.helpers import TINY, text_file, tiny_config
 
@@ -64,6 +66,34 @@ def test_signal_saves_exits_130_and_resume_matches_uninterrupted(tmp_path, sig):
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
 
 
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
+def test_a_signal_at_start_up_stops_the_run_with_nothing_written(tmp_path, delay):
+    """Wherever the signal lands (imports, config, data), the run stops: exit 130, no run."""
+    source = text_file(tmp_path)
+    proc = attnlm("train", *sets(f"data.source={source}", *LONG), "--out", tmp_path / "r", "--quiet")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_signal_during_data_preparation_stops_at_once(tmp_path, monkeypatch):
+    """Tokenizer training and encoding run in C for long stretches: the signal must not wait."""
+    busy = threading.Event()  # a long stretch of work that the signal must not wait for
+    monkeypatch.setattr("attnlm.train.prepare_training", lambda *a, **k: busy.wait(30))
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    tick = time.monotonic()
+    try:
+        with pytest.raises(Interrupted, match="nothing was written"):
+            train(tiny_config(text_file(tmp_path)), tmp_path / "r", quiet=True)
+        assert time.monotonic() - tick < 5
+        assert not (tmp_path / "r").exists()
+    finally:
+        busy.set()  # the abandoned worker ends
+
+
 def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
     source = text_file(tmp_path)
     rng = random.Random(0)
@@ -78,10 +108,13 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
         proc.communicate()
         leftovers = [p.name for p in run.iterdir() if p.name.startswith(".checkpoint.pt.tmp")]
         assert checkpoint.load(run / "checkpoint.pt")["step"] >= 1, leftovers
-        checkpoint.load_model(run)  # and the weights fit the model
-    # A resume after the kill goes on from there.
+        run_mod.load_model(run)  # and the weights fit the model
+    # A resume after the kill goes on from there, and clears what killed writers left; a temp
+    # named after a live process (this one) is stale too, as the run's lock is held.
+    (run / f".checkpoint.pt.tmp-{os.getpid()}").write_bytes(b"half")
     proc = attnlm("train", "--out", run, "--resume", "--quiet", "--set", "train.max_iters=400")
     assert proc.wait() == 0, proc.communicate()
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
 
 
 def test_keep_last_n_checkpoints(tmp_path):
@@ -119,19 +152,66 @@ def test_mismatched_tokenizer_is_refused(small_run, tmp_path):
     assert result.exit_code == 2 and "do not belong together" in result.stderr
 
 
-def test_out_of_memory_is_explained_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    # The CPU's allocator raises a plain RuntimeError.
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_out_of_memory_is_explained_and_keeps_the_checkpoint(tmp_path, monkeypatch, error):
     source = text_file(tmp_path)
     train(tiny_config(source, "train.max_iters=10"), tmp_path / "run", quiet=True)
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
 
     def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+        raise error
 
     monkeypatch.setattr("attnlm.model.GPT.forward", no_memory)
     result = invoke("train", "--out", tmp_path / "run", "--resume", "--set", "train.max_iters=20")
     assert result.exit_code == 1
     assert "out of memory at step 11" in result.stderr and "batch_size" in result.stderr
+    assert "internal error" not in result.stderr
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    train(tiny_config(text_file(tmp_path), "train.max_iters=10"), tmp_path / "run", quiet=True)
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4058")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    result = invoke("train", "--out", tmp_path / "run", "--resume", "--quiet",
+                    "--set", "train.max_iters=20")
+    assert result.exit_code == 1 and "no space left on the device" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "unexpected pos" not in result.stderr
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+    assert not [p.name for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("command", [("eval",), ("generate", "--max-new-tokens", 2)])
+def test_bit_flips_in_the_embedding_are_exit_1(small_run, tmp_path, command):
+    embedding = checkpoint.load(small_run / "checkpoint.pt")["model"]["tok_emb.weight"]
+    data = bytearray((small_run / "checkpoint.pt").read_bytes())
+    at = data.find(embedding.numpy().tobytes())
+    assert at > 0
+    for offset in (17, 402):  # two flipped bits inside the embedding's bytes
+        data[at + offset] ^= 0x04
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(data))
+    result = invoke(command[0], tmp_path, *command[1:])
+    assert result.exit_code == 1 and "corrupt" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_nan_weights_in_a_checkpoint_are_exit_1(small_run, tmp_path):
+    ckpt = checkpoint.load(small_run / "checkpoint.pt")
+    ckpt["model"]["tok_emb.weight"][0, 0] = float("nan")
+    ckpt.pop("format")
+    torch.save({"format": 1, **ckpt}, tmp_path / "checkpoint.pt")  # no checksum to catch it
+    result = invoke("generate", tmp_path, "--max-new-tokens", 2)
+    assert result.exit_code == 1 and "non-finite weights" in result.stderr, result.output
 
 
 @pytest.mark.parametrize("text, overrides, message", [
@@ -144,6 +224,7 @@ def test_data_problems_exit_2(tmp_path, text, overrides, message):
     path.write_text(text)
     result = invoke("train", *sets(f"data.source={path}", *TINY, *overrides), "--out", tmp_path / "r")
     assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "r").exists()  # not even an empty folder holding .lock
 
 
 values = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6).map(str),

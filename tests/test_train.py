@@ -1,15 +1,20 @@
 import json
 import math
+import re
 
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 
 from attnlm import checkpoint
+from attnlm.cli import cli
 from attnlm.config import build_config
 from attnlm.errors import AttnlmError, InputError
 from attnlm.runtime import slow_dtype_warning
-from attnlm.train import lr_at, resume_config, run_lock, train
-from tests.helpers import text_file, tiny_config
+from attnlm.run import load_model, lock as run_lock
+from attnlm.train import fix_schedule, lr_at, resume_config, train
+from tests.helpers import TEXT, TINY, text_file, tiny_config
 
 
 def losses(run):
@@ -80,7 +85,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny_config(source, "train.max_iters=10"), tmp_path / "run", quiet=True)
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     cfg = resume_config(tmp_path / "run", None, ["train.max_iters=20", "train.lr=1e30",
-                                                 "train.grad_clip=0", "train.warmup_iters=0"])
+                                                 "train.grad_clip=0", "train.warmup_iters=0",
+                                                 "train.lr_decay_iters=20"])
     with pytest.raises(AttnlmError, match=r"loss became (nan|inf) at step 1\d"):
         train(cfg, tmp_path / "run", resume=True, quiet=True)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
@@ -89,49 +95,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
     cfg = tiny_config(text_file(tmp_path), "train.max_iters=3")
     train(cfg, tmp_path / "run", quiet=True)
-    model, tokenizer, loaded_cfg, ckpt = checkpoint.load_model(tmp_path / "run")
-    assert loaded_cfg == cfg and ckpt["step"] == 3
+    model, tokenizer, loaded_cfg, ckpt = load_model(tmp_path / "run")
+    assert loaded_cfg == fix_schedule(cfg) and ckpt["step"] == 3
     assert tokenizer.decode(tokenizer.encode("the fox")) == "the fox"
     for name, tensor in ckpt["model"].items():
         assert torch.equal(model.state_dict()[name], tensor)
-
-
-def test_atomic_save_replaces_whole_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    checkpoint.save({"step": 1, "w": torch.ones(3)}, path)
-    checkpoint.save({"step": 2, "w": torch.zeros(3)}, path)
-    assert checkpoint.load(path)["step"] == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
-
-
-@pytest.mark.parametrize("content, message", [
-    (b"", "not a readable attnlm checkpoint"),
-    (b"not a zip file at all", "not a readable attnlm checkpoint"),
-])
-def test_corrupt_checkpoints_are_clear_errors(tmp_path, content, message):
-    (tmp_path / "checkpoint.pt").write_bytes(content)
-    with pytest.raises(AttnlmError, match=message):
-        checkpoint.load(tmp_path / "checkpoint.pt")
-
-
-def test_checkpoint_format_and_foreign_files(tmp_path):
-    torch.save({"format": 99}, tmp_path / "future.pt")
-    with pytest.raises(AttnlmError, match="format 99"):
-        checkpoint.load(tmp_path / "future.pt")
-    torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(AttnlmError, match="not an attnlm checkpoint"):
-        checkpoint.load(tmp_path / "list.pt")
-
-
-def test_loading_never_executes_code(tmp_path):
-    class Boom:
-        def __reduce__(self):
-            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "pwned"),))
-
-    torch.save({"format": 1, "payload": Boom()}, tmp_path / "evil.pt")
-    with pytest.raises(AttnlmError):
-        checkpoint.load(tmp_path / "evil.pt")
-    assert not (tmp_path / "pwned").exists()
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path):
@@ -154,3 +122,125 @@ def test_bfloat16_warning_only_on_a_cpu_without_it(monkeypatch):
     assert slow_dtype_warning(cuda, "bfloat16") is None
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert slow_dtype_warning(cpu, "bfloat16") is None
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_resuming_a_finished_run_leaves_its_results_and_says_so(tmp_path):
+    cfg = tiny_config(text_file(tmp_path), "train.max_iters=4")
+    train(cfg, tmp_path / "run", quiet=True)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    result = invoke("train", "--out", tmp_path / "run", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "nothing trained, summary.json left as it was" in result.stdout
+    assert len(result.output.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files
+    as_json = invoke("train", "--out", tmp_path / "run", "--resume", "--json")
+    assert json.loads(as_json.stdout) == json.loads(files["summary.json"])
+
+
+def test_resume_with_more_steps_rewrites_config_yaml(tmp_path):
+    train(tiny_config(text_file(tmp_path), "train.max_iters=4"), tmp_path / "run", quiet=True)
+    result = invoke("train", "--out", tmp_path / "run", "--resume", "--quiet",
+                    "--set", "train.max_iters=6")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["max_iters"] == 6
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["config"] == saved
+
+
+def lrs(run):
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in rows if "lr" in r}
+
+
+def test_raising_max_iters_keeps_the_decay_horizon(tmp_path):
+    source = text_file(tmp_path)
+    train(tiny_config(source, "train.max_iters=10", "train.lr=1e-2", "train.min_lr=1e-3"),
+          tmp_path / "run", quiet=True)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["lr_decay_iters"] == 10
+    result = invoke("train", "--out", tmp_path / "run", "--resume", "--set", "train.max_iters=14")
+    assert result.exit_code == 0, result.output
+    assert "lr schedule: flat at 0.001 (the cosine ended at step 10" in result.stderr
+    after = lrs(tmp_path / "run")
+    # metrics log the lr of the step that ended at `step`, i.e. lr_at(step - 1).
+    assert [after[s] for s in range(11, 15)] == [1e-3] * 4
+    assert after[10] == pytest.approx(1e-3 + 0.5 * (1 + math.cos(math.pi * 4 / 5)) * 9e-3)
+
+
+def test_an_explicit_decay_horizon_on_resume_is_used(tmp_path):
+    source = text_file(tmp_path)
+    train(tiny_config(source, "train.max_iters=10"), tmp_path / "run", quiet=True)
+    cfg = resume_config(tmp_path / "run", None, ["train.max_iters=20", "train.lr_decay_iters=0"])
+    assert cfg.train.lr_decay_iters == 20
+    cfg = resume_config(tmp_path / "run", None, ["train.max_iters=20", "train.lr_decay_iters=15"])
+    assert cfg.train.lr_decay_iters == 15
+
+
+def test_a_diverged_eval_never_replaces_the_good_checkpoint_and_resume_recovers(tmp_path):
+    source = text_file(tmp_path)
+    result = invoke("train", "--out", tmp_path / "run", *sets(f"data.source={source}", *TINY,
+                                                                 "train.lr=1e6", "train.eval_interval=1"))
+    assert result.exit_code == 1 and "the model diverged" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 0
+    result = invoke("train", "--out", tmp_path / "run", "--resume", "--quiet",
+                    "--set", "train.lr=1e-3")
+    assert result.exit_code == 0, result.output
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 20
+
+
+def test_divergence_after_good_steps_keeps_the_last_good_checkpoint(tmp_path):
+    source = text_file(tmp_path)
+    train(tiny_config(source, "train.max_iters=10"), tmp_path / "run", quiet=True)
+    cfg = resume_config(tmp_path / "run", None, ["train.max_iters=20", "train.lr=1e6",
+                                                 "train.lr_decay_iters=20", "train.eval_interval=1"])
+    with pytest.raises(AttnlmError, match="the model diverged") as err:
+        train(cfg, tmp_path / "run", resume=True, quiet=True)
+    found = re.search(r"at step (\d+): .* the checkpoint of step (\d+) is kept", str(err.value))
+    diverged_at, kept = map(int, found.groups())
+    kept_ckpt = checkpoint.load(tmp_path / "run" / "checkpoint.pt")  # finite weights, verified
+    assert 10 <= kept_ckpt["step"] == kept < diverged_at
+    assert math.isfinite(kept_ckpt["best_val_loss"])
+
+
+def test_resume_refuses_a_changed_source(tmp_path):
+    source = text_file(tmp_path)
+    train(tiny_config(source, "train.max_iters=2"), tmp_path / "run", quiet=True)
+    source.write_text(source.read_text().replace("lazy", "idle"))
+    cfg = resume_config(tmp_path / "run", None, ["train.max_iters=4"])
+    with pytest.raises(InputError, match="changed since this run started"):
+        train(cfg, tmp_path / "run", resume=True, quiet=True)
+
+
+def sets(*overrides):
+    return [x for o in overrides for x in ("--set", o)]
+
+
+@pytest.mark.parametrize("content, overrides, message", [
+    ("caf\xe9 au lait\n".encode("latin-1") * 20, [], "is not UTF-8 text"),
+    (b"abcdef", [], "needs at least 33"),
+    (TEXT.encode(), ["model.attention=triton"], "needs a CUDA device"),
+    (TEXT.encode(), ["train.device=cuda"], "no CUDA device is available"),
+])
+def test_dry_run_makes_every_check_train_makes(tmp_path, monkeypatch, content, overrides, message):
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif "cuda" in message or "CUDA" in message:
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "t.txt").write_bytes(content)
+    args = sets(f"data.source={tmp_path / 't.txt'}", *TINY, *overrides)
+    for extra in (["--dry-run"], []):
+        result = invoke("train", *args, "--out", tmp_path / "r", *extra)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert not (tmp_path / "r").exists()  # nothing left behind, not even an empty folder
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
+    result = invoke("train", "--dry-run", "--out", tmp_path / "r",
+                    *sets(f"data.source={text_file(tmp_path)}", *TINY))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["train"]["lr_decay_iters"] == 20
+    assert not (tmp_path / "r").exists()
