@@ -97,10 +97,3 @@ def load(path):
     if bad := non_finite(ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {}):
         raise AttnlmError(f"{path} holds non-finite weights ({bad[0]}); refused")
     return ckpt
-
-
-def load_model(run, device="cpu"):
-    """Kept for callers not yet moved to attnlm.run.load_model."""
-    from attnlm.run import load_model
-
-    return load_model(run, device)

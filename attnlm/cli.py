@@ -71,7 +71,7 @@ def machine_options(command):
 
 def _load(run, device, threads):
     """(model, tokenizer, config, checkpoint) of a run, on the device asked for."""
-    from attnlm.checkpoint import load_model
+    from attnlm.run import load_model
     from attnlm.runtime import resolve_device, set_threads
 
     machine = config_mod.build_config({"train": {"device": device, "threads": threads}}).train
@@ -273,7 +273,8 @@ def gather(runs, fmt):
     `attnlm eval RUN --json > RUN/eval.json`), as eval_*. A path holding no run, an unfinished
     run and one with a corrupt file are left out, with a warning.
     """
-    from attnlm.gather import find_runs, table, to_csv, to_markdown
+    from attnlm.gather import table, to_csv, to_markdown
+    from attnlm.run import find_runs
 
     columns, rows = table(find_runs(runs, _warn), _warn)
     click.echo((to_csv if fmt == "csv" else to_markdown)(columns, rows), nl=False)
@@ -292,7 +293,7 @@ def plot(runs, out, log_y, y_axis):
     """Train and val loss curves of one run or several overlaid, as a PNG (RUNS: run
     directories, folders of them, or quoted globs). Needs matplotlib: pip install 'attnlm[plot]'.
     """
-    from attnlm.gather import find_runs
+    from attnlm.run import find_runs
     from attnlm.plots import loss_curves
 
     found = find_runs(runs, _warn)

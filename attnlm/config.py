@@ -15,7 +15,6 @@ import yaml
 
 from attnlm import choices
 from attnlm.errors import ConfigError, InputError
-from attnlm.files import atomic_write
 
 
 @dataclass
@@ -235,10 +234,6 @@ def to_dict(cfg):
 def from_dict(tree):
     """Rebuild a saved config (from a checkpoint or config.yaml), with the same checks."""
     return build_config(tree)
-
-
-def dump_yaml(cfg, path):
-    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _check(problems, ok, key, value, why):

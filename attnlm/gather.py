@@ -7,60 +7,12 @@ finished, or one whose files are corrupt is left out with a warning; the others 
 """
 
 import csv
-import glob
 import io
 import json
-import os
 from pathlib import Path
 
-from attnlm import config as config_mod
+from attnlm import config as config_mod, run as run_mod
 from attnlm.errors import InputError
-
-CONFIG = "config.yaml"  # what makes a folder a run directory
-
-
-def _runs_under(path):
-    """path itself if it is a run, else every run below it at any depth, sorted (symbolic links
-    to folders are not followed, so a link loop cannot list a run twice)."""
-    if (path / CONFIG).is_file():
-        return [path]
-    runs = []
-    for folder, subfolders, files in os.walk(path):
-        if CONFIG in files:
-            runs.append(Path(folder))
-            subfolders.clear()  # a run holds no other runs
-    return sorted(runs)
-
-
-def find_runs(patterns, warn):
-    """Run directories (those holding a config.yaml), in order, each once: a pattern is a run
-    directory, a folder of them (folders of folders too), or a glob matching either. A pattern
-    that finds none is reported to warn(message) and skipped; none at all is an InputError."""
-    runs = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        found = [run for match in matches for run in _runs_under(Path(match))]
-        if not found:
-            warn(f"{pattern}: no run directory there (none holds a {CONFIG}); skipped")
-        runs += [run for run in found if run not in runs]
-    if not runs:
-        raise InputError(f"no run directory found (none holds a {CONFIG})")
-    return runs
-
-
-def read_config(run):
-    """A run's resolved config, validated like any other (InputError if it is not)."""
-    return config_mod.build_config(config_mod.read_yaml(Path(run) / CONFIG))
-
-
-def _read_json(path):
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(found, dict):
-        raise InputError(f"{path} is not a JSON object")
-    return found
 
 
 def _flat(tree, prefix=""):
@@ -76,10 +28,9 @@ def _flat(tree, prefix=""):
 
 def _row(run):
     """(config, summary, eval figures) of a finished run, flat; InputError if one is corrupt."""
-    config = _flat(config_mod.to_dict(read_config(run)))
-    summary = _read_json(run / "summary.json")
-    eval_path = run / "eval.json"
-    found = _read_json(eval_path) if eval_path.is_file() else {}
+    config = _flat(config_mod.to_dict(run_mod.read_config(run)))
+    summary = run_mod.read_summary(run)
+    found = run_mod.read_eval(run) or {}
     # Nested parts (the attention report) do not fit in a cell.
     return config, summary, {f"eval_{k}": v for k, v in found.items() if not isinstance(v, (dict, list))}
 
@@ -89,13 +40,13 @@ def table(runs, warn):
     failed) or with a corrupt file is reported to warn(message) and left out."""
     kept, configs, summaries, evals = [], [], [], []
     for run in runs:
-        if not (run / "summary.json").is_file():
-            warn(f"{run} has no summary.json (still running or failed); left out")
-            continue
         try:
             config, summary, evaluation = _row(run)
         except InputError as err:
             warn(f"{run} left out: {err}")
+            continue
+        if summary is None:
+            warn(f"{run} has no {run_mod.SUMMARY} (still running or failed); left out")
             continue
         kept.append(run)
         configs.append(config)
@@ -115,16 +66,14 @@ def table(runs, warn):
 def tokens_per_byte(run):
     """Tokens per UTF-8 byte of a run's val split: from summary.json's val_tokens_per_byte where
     training wrote it, else measured by encoding the split again (with the token cache, fast)."""
-    summary_path = Path(run) / "summary.json"
-    if summary_path.is_file():
-        recorded = _read_json(summary_path).get("val_tokens_per_byte")
-        if isinstance(recorded, (int, float)) and recorded > 0:
-            return recorded
+    recorded = (run_mod.read_summary(run) or {}).get("val_tokens_per_byte")
+    if isinstance(recorded, (int, float)) and recorded > 0:
+        return recorded
     from attnlm import tokenizer as tokenizer_mod
     from attnlm.data import prepare_training
 
-    cfg = read_config(run)
-    tokenizer = tokenizer_mod.load(Path(run) / "tokenizer.json")
+    cfg = run_mod.read_config(run)
+    tokenizer = tokenizer_mod.load(Path(run) / run_mod.TOKENIZER)
     val = prepare_training(cfg, tokenizer)[1]["val"]
     return len(val) / val.n_bytes
 

@@ -2,7 +2,6 @@
 matplotlib (`pip install 'attnlm[plot]'`); figures are drawn without pyplot, so no display or
 global state is involved."""
 
-import json
 import math
 import os
 from pathlib import Path
@@ -35,13 +34,9 @@ def save_png(fig, path, dpi):
 
 def read_metrics(run):
     """(train rows, val rows) of a run's metrics.jsonl, each a list of (step, loss)."""
-    path = Path(run) / "metrics.jsonl"
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except OSError:
-        raise InputError(f"{run} holds no metrics.jsonl (is it a run directory?)") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not JSON lines ({err})") from None
+    from attnlm.run import read_metrics as records
+
+    rows = records(run)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     return train, val

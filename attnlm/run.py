@@ -206,12 +206,16 @@ class MetricsLog:
 
 
 def _read_json(path):
+    """A JSON object from path, None if there is no such file; InputError if it is damaged."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
         raise InputError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(found, dict):
+        raise InputError(f"{path} is not a JSON object")
+    return found
 
 
 def read_summary(run):
@@ -228,21 +232,32 @@ def read_eval(run):
     return _read_json(Path(run) / EVAL)
 
 
-def find_runs(patterns):
-    """Run directories (those holding a config.yaml), in order: each pattern is a run directory,
-    a folder of run directories, or a glob matching either."""
+def _runs_under(path):
+    """path itself if it is a run, else every run below it at any depth, sorted (links to
+    folders are not followed, so a link loop cannot list a run twice)."""
+    if (path / CONFIG).is_file():
+        return [path]
+    runs = []
+    for folder, subfolders, files in os.walk(path):
+        if CONFIG in files:
+            runs.append(Path(folder))
+            subfolders.clear()  # a run holds no other runs
+    return sorted(runs)
+
+
+def find_runs(patterns, warn):
+    """Run directories (those holding a config.yaml), in order, each once: a pattern is a run
+    directory, a folder of them (folders of folders too), or a glob matching either. A pattern
+    that finds none is reported to warn(message) and skipped; none at all is an InputError."""
     runs = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        found = []
-        for match in map(Path, matches):
-            if (match / CONFIG).is_file():
-                found.append(match)
-            elif match.is_dir():
-                found += sorted(p.parent for p in match.glob(f"*/{CONFIG}"))
+        found = [run for match in matches for run in _runs_under(Path(match))]
         if not found:
-            raise InputError(f"{pattern}: no run directory there (none holds a {CONFIG})")
+            warn(f"{pattern}: no run directory there (none holds a {CONFIG}); skipped")
         runs += [run for run in found if run not in runs]
+    if not runs:
+        raise InputError(f"no run directory found (none holds a {CONFIG})")
     return runs
 
 

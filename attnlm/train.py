@@ -249,6 +249,7 @@ def _train(cfg, out, resume, quiet, interrupt):
         "steps": step, "train_loss": loss_value, "val_loss": val_loss, "best_val_loss": best_val,
         "tokens_per_s": (step - start_step) * tokens_per_step / train_time if train_time else None,
         "train_time_s": train_time, "params": model.num_params(), "out": str(out),
+        "val_tokens_per_byte": len(splits["val"]) / splits["val"].n_bytes,
     }
     run.write_summary(out, summary)
     return summary

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 
-from attnlm.checkpoint import load_model  # noqa: E402
+from attnlm.run import load_model  # noqa: E402
 from attnlm.config import load_config  # noqa: E402
 from attnlm.data import prepare_training  # noqa: E402
 from attnlm.evaluate import split_loss  # noqa: E402

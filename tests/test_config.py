@@ -8,9 +8,8 @@ import torch
 import yaml
 
 from attnlm import choices
-from attnlm import config as config_mod
-from attnlm.config import (RunConfig, build_config, dump_yaml, from_dict, load_config, read_yaml,
-                           to_dict)
+from attnlm import config as config_mod, run as run_mod
+from attnlm.config import RunConfig, build_config, from_dict, load_config, read_yaml, to_dict
 from attnlm.errors import ConfigError, InputError
 from attnlm.model import GPT
 
@@ -83,8 +82,8 @@ def test_non_mapping_yaml_is_an_error():
 
 def test_round_trip_through_yaml_and_dict(tmp_path):
     cfg = build_config(overrides=["model.n_layer=2", "tokenizer.kind=bytes"])
-    dump_yaml(cfg, tmp_path / "c.yaml")
-    assert load_config(tmp_path / "c.yaml") == cfg
+    run_mod.write_config(tmp_path, cfg)
+    assert run_mod.read_config(tmp_path) == cfg
     assert from_dict(to_dict(cfg)) == cfg
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from attnlm import config as config_mod, gather
+from attnlm import config as config_mod, gather, run as run_mod
 from attnlm.cli import cli
 from attnlm.errors import InputError
 from tests.helpers import TINY, text_file
@@ -71,11 +71,11 @@ def runs(tmp_path):
 
 def test_find_runs_takes_runs_folders_and_globs(runs, tmp_path):
     warnings = []
-    assert gather.find_runs([str(runs)], warnings.append) == [runs / "a", runs / "b", runs / "c"]
-    assert gather.find_runs([str(runs / "b"), str(runs / "[ab]")], warnings.append) == [runs / "b", runs / "a"]
+    assert run_mod.find_runs([str(runs)], warnings.append) == [runs / "a", runs / "b", runs / "c"]
+    assert run_mod.find_runs([str(runs / "b"), str(runs / "[ab]")], warnings.append) == [runs / "b", runs / "a"]
     assert warnings == []
     with pytest.raises(InputError, match="no run directory found"):
-        gather.find_runs([str(tmp_path / "nothing*")], warnings.append)
+        run_mod.find_runs([str(tmp_path / "nothing*")], warnings.append)
     assert warnings == [f"{tmp_path / 'nothing*'}: no run directory there (none holds a config.yaml); skipped"]
 
 
@@ -83,7 +83,7 @@ def test_a_path_that_is_not_a_run_is_skipped_with_a_warning(runs, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes.txt").write_text("not a run")
     warnings = []
-    found = gather.find_runs([str(tmp_path / "notes"), str(runs / "a"), str(tmp_path / "notes.txt")],
+    found = run_mod.find_runs([str(tmp_path / "notes"), str(runs / "a"), str(tmp_path / "notes.txt")],
                              warnings.append)
     assert found == [runs / "a"]
     assert [w.split(":")[0] for w in warnings] == [str(tmp_path / "notes"), str(tmp_path / "notes.txt")]
@@ -95,13 +95,13 @@ def test_a_path_that_is_not_a_run_is_skipped_with_a_warning(runs, tmp_path):
 def test_a_folder_of_folders_of_runs_is_searched_at_any_depth(runs, tmp_path):
     fake_run(tmp_path / "s" / "deeper" / "sweep2" / "d", {"model": {"n_layer": 3}}, {"steps": 5})
     (tmp_path / "s" / "a" / "checkpoints").mkdir()  # folders inside a run hold no runs
-    found = gather.find_runs([str(tmp_path / "s")], print)
+    found = run_mod.find_runs([str(tmp_path / "s")], print)
     assert found == [runs / "a", runs / "b", runs / "c", runs / "deeper" / "sweep2" / "d"]
 
 
 def test_table_has_varying_config_summary_and_eval_columns(runs):
     warnings = []
-    columns, rows = gather.table(gather.find_runs([str(runs)], warnings.append), warnings.append)
+    columns, rows = gather.table(run_mod.find_runs([str(runs)], warnings.append), warnings.append)
     assert columns == ["run", "model.n_head", "steps", "val_loss", "eval_loss", "eval_exact_match"]
     assert rows == [[str(runs / "a"), 1, 10, 2.5, 2.4, 0.5], [str(runs / "b"), 4, 10, 2.25, 2.2, 0.75]]
     assert warnings == [f"{runs / 'c'} has no summary.json (still running or failed); left out"]

@@ -49,7 +49,7 @@ def run_dir(tmp_path_factory):
 
 def load(run_dir, backend):
     """The trained model with its attention computed by `backend` (on CUDA if it needs it)."""
-    _, tokenizer, cfg, ckpt = checkpoint.load_model(run_dir)
+    _, tokenizer, cfg, ckpt = run_mod.load_model(run_dir)
     model = GPT(dataclasses.replace(cfg.model, attention=backend), tokenizer.vocab_size)
     model.load_state_dict(ckpt["model"])
     return model.to("cuda" if BACKENDS[backend].cuda_only else "cpu").eval(), tokenizer

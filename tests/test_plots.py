@@ -69,15 +69,16 @@ def test_bits_per_byte_scales_each_run_by_its_tokens_per_byte(tmp_path):
 
 def test_tokens_per_byte_is_measured_when_the_summary_lacks_it(tmp_path):
     from attnlm import tokenizer as tokenizer_mod
-    from attnlm.config import build_config, dump_yaml
+    from attnlm import run as run_mod
+    from attnlm.config import build_config
     from attnlm.gather import tokens_per_byte
 
     text = "éü" * 500  # two bytes a character: half a token per byte wherever val begins
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     run = tmp_path / "run"
     run.mkdir()
-    dump_yaml(build_config(overrides=[f"data.source={tmp_path / 'text.txt'}", "model.block_size=8",
-                                      f"data.cache_dir={tmp_path / 'cache'}"]), run / "config.yaml")
+    run_mod.write_config(run, build_config(overrides=[
+        f"data.source={tmp_path / 'text.txt'}", "model.block_size=8", f"data.cache_dir={tmp_path / 'cache'}"]))
     tokenizer_mod.save(tokenizer_mod.CharTokenizer.train([text]), run / "tokenizer.json")
     assert tokens_per_byte(run) == 0.5
 

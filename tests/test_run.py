@@ -108,14 +108,6 @@ def test_summaries_are_valid_json_or_refused(tmp_path):
     assert run.read_summary(tmp_path / "missing") is None
 
 
-def test_find_runs(two_runs, tmp_path):
-    a, b = two_runs
-    assert run.find_runs([str(a.parent)]) == [a, b]
-    assert run.find_runs([str(a.parent / "?"), str(a)]) == [a, b]
-    with pytest.raises(InputError, match="no run directory there"):
-        run.find_runs([str(tmp_path)])
-
-
 def test_a_cuda_only_backend_runs_as_tiled_on_the_cpu_and_says_so(two_runs, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ckpt = checkpoint.load(two_runs[0] / run.CHECKPOINT)

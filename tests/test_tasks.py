@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from attnlm import tasks
-from attnlm.checkpoint import load_model
+from attnlm.run import load_model
 from attnlm.cli import cli
 from attnlm.config import build_config, load_config
 from attnlm.batches import BatchSampler, Split, window_starts

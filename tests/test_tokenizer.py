@@ -8,7 +8,7 @@ import sentencepiece
 from hypothesis import given, settings, strategies as st
 from pydoc_data.topics import topics
 
-from attnlm import checkpoint
+from attnlm import checkpoint, run as run_mod
 from attnlm import tokenizer as tok
 from attnlm.config import TokenizerConfig, build_config
 from attnlm.errors import ConfigError, InputError
@@ -198,7 +198,7 @@ def test_a_subword_run_keeps_its_tokenizer_for_eval_and_generate(tmp_path):
     saved = tok.load(tmp_path / "run" / "tokenizer.json")
     assert saved.kind == "bpe" and saved.vocab_size == 400
     assert (tmp_path / "run" / "tokenizer.model").read_bytes() == saved.model_proto
-    _, loaded, _, _ = checkpoint.load_model(tmp_path / "run")
+    _, loaded, _, _ = run_mod.load_model(tmp_path / "run")
     assert loaded.state() == saved.state()
 
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--json"])
