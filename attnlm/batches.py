@@ -55,17 +55,23 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.window = torch.arange(block_size + 1)
 
-    def next(self):
+    def draw(self, count):
+        """The starts of the next count windows of the stream. Drawing 2n at once gives the
+        starts that two draws of n give, so a step's windows are the same however a job splits
+        them into micro-batches and processes."""
         if self.starts is None:
-            starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size, 1),
-                                   generator=self.generator)
-        else:
-            pick = torch.randint(len(self.starts), (self.batch_size,), generator=self.generator)
-            starts = self.starts[pick].unsqueeze(1)
-        chunk = self.tokens[starts + self.window].long()
+            return torch.randint(len(self.tokens) - self.block_size, (count,), generator=self.generator)
+        return self.starts[torch.randint(len(self.starts), (count,), generator=self.generator)]
+
+    def windows_at(self, starts):
+        """(x, y) for the windows at `starts`."""
+        chunk = self.tokens[starts.unsqueeze(1) + self.window].long()
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         return chunk[:, :-1], chunk[:, 1:]
+
+    def next(self):
+        return self.windows_at(self.draw(self.batch_size))
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}

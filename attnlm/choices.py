@@ -11,6 +11,7 @@ POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
 TOKENIZERS = ("bytes", "chars", "bpe", "unigram")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several
+PARALLEL = ("ddp", "fsdp")  # how the processes of a torchrun job share the model
 
 
 def device_problem(name):

@@ -127,7 +127,7 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
     from attnlm.interrupt import deferred_interrupts
 
     with deferred_interrupts():  # first of all: no signal is lost, not even during imports
-        from attnlm import run, train as train_mod
+        from attnlm import distributed, run, train as train_mod
 
         out = out or _run_name(config_path, overrides)
         doc = config_mod.read_yaml(config_path) if config_path else None
@@ -138,6 +138,8 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
             click.echo(json.dumps(tree) if as_json else yaml.safe_dump(tree, sort_keys=False), nl=as_json)
             return
         summary = train_mod.train(cfg, out, resume=resume, quiet=quiet)
+    if not distributed.world().main:  # one job, one report: rank 0's
+        return
     if summary is None:
         click.echo(json.dumps(run.read_summary(out)) if as_json else
                    f"{out} has already run train.max_iters={cfg.train.max_iters} steps; nothing "

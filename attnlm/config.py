@@ -66,6 +66,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 means all cores
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     dtype: str = "float32"  # float32, bfloat16 or float16 (autocast on CUDA)
+    parallel: str = "ddp"  # under torchrun: ddp (a whole model per process) or fsdp (sharded)
 
 
 @dataclass
@@ -281,7 +282,8 @@ def validate(cfg):
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
     named = [("model.pos", m.pos, choices.POSITIONAL), ("model.attention", m.attention, choices.BACKENDS),
              ("tokenizer.kind", cfg.tokenizer.kind, choices.TOKENIZERS),
-             ("train.dtype", t.dtype, choices.DTYPES)]
+             ("train.dtype", t.dtype, choices.DTYPES),
+             ("train.parallel", t.parallel, choices.PARALLEL)]
     for key, value, allowed in named:
         _check(p, value in allowed, key, value,
                f"must be one of {', '.join(allowed)}{choices.suggest(value, allowed)}")

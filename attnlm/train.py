@@ -1,6 +1,7 @@
 """The training loop: teacher forcing, AdamW, warmup + cosine schedule, periodic eval and
 checkpoints, exact resume, graceful interruption."""
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attnlm import checkpoint, config as config_mod, run, tokenizer as tokenizer_mod
+from attnlm import checkpoint, config as config_mod, distributed, run, tokenizer as tokenizer_mod
 from attnlm.attention import check_backend
 from attnlm.data import BatchSampler, need_tokens, prepare_training
 from attnlm.errors import AttnlmError, InputError
@@ -78,7 +79,28 @@ def resume_config(out, yaml_doc, overrides):
     for section in ("model", "tokenizer", "data"):
         if getattr(cfg, section) != getattr(saved, section):
             raise InputError(f"cannot change the {section} section when resuming {out}")
+    if cfg.train.grad_accum == saved.train.grad_accum:
+        cfg = keep_step_size(cfg, ckpt.get("world_size", 1), distributed.world())
     return cfg
+
+
+def keep_step_size(cfg, saved_size, w):
+    """A run resumed by another number of processes keeps its sequences per step (batch_size x
+    grad_accum x processes) by changing grad_accum, so that its steps go on meaning the same."""
+    t = cfg.train
+    per_step = t.grad_accum * saved_size  # micro-batches of batch_size a step
+    if saved_size == w.size:
+        return cfg
+    if per_step % w.size:
+        raise InputError(f"this run takes {per_step} micro-batches of {t.batch_size} a step, saved "
+                         f"by {saved_size} processes; {w.size} cannot share them evenly (use a number "
+                         f"of processes that divides {per_step}, or set train.grad_accum)")
+    accum = per_step // w.size
+    if w.main:
+        run.note(f"resuming on {w.size} process{'es' * (w.size > 1)} a run saved by {saved_size}: "
+                 f"train.grad_accum {t.grad_accum} -> {accum} keeps {per_step * t.batch_size} "
+                 "sequences a step")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accum))
 
 
 @dataclass
@@ -91,16 +113,18 @@ class Ready:
     data_sha256: str
 
 
-def preflight(cfg, ckpt=None, progress=False):
+def preflight(cfg, ckpt=None, progress=False, tokenizer=None):
     """Every check `train` makes before its first step, shared with --dry-run: device, backend
     and dtype on that device, the data source (readable, UTF-8, enough text for block_size),
     the tokenizer, and on resume that the text is the one the run started on."""
     t, m = cfg.train, cfg.model
-    set_threads(t.threads)
-    device = resolve_device(t.device)
+    w = distributed.world()
+    set_threads(t.threads or (distributed.threads_per_process(w) if w.size > 1 else 0))
+    device = distributed.join(w, resolve_device(t.device))
     check_backend(m.attention, device)
     amp = autocast(device, t.dtype)
-    tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"]) if ckpt else None
+    if ckpt and tokenizer is None:
+        tokenizer = tokenizer_mod.from_state(ckpt["tokenizer"])
     with deferred_interrupts() as interrupt:  # tokenizer training and encoding can take minutes
         tokenizer, splits = interrupt.run(prepare_training, cfg, tokenizer, progress=progress)
     need_tokens(splits["train"], "train", m.block_size)
@@ -110,6 +134,19 @@ def preflight(cfg, ckpt=None, progress=False):
         raise InputError(f"the text of data.source={cfg.data.source!r} changed since this run "
                          "started; resuming would train on other text. Start a new run")
     return Ready(device, amp, tokenizer, splits, digest)
+
+
+def prepare_job(cfg, ckpt, w, progress):
+    """preflight on rank 0 first (it trains the tokenizer and fills the token cache), then on
+    the other ranks with rank 0's tokenizer, from the cache; a refusal stops every rank."""
+    found = {}
+
+    def first():
+        found["ready"] = preflight(cfg, ckpt, progress)
+        return found["ready"].tokenizer.state()
+
+    state = distributed.from_main(w, first)
+    return found.get("ready") or preflight(cfg, ckpt, tokenizer=tokenizer_mod.from_state(state))
 
 
 def dry_run(cfg, out, resume=False, quiet=False):
@@ -131,89 +168,119 @@ def diverged(val_loss, vocab_size):
 
 def train(cfg, out, resume=False, quiet=False):
     """Train per cfg into run directory `out`; returns the summary (also in summary.json), or
-    None for a resumed run that has already run train.max_iters steps (left as it was)."""
+    None for a resumed run that has already run train.max_iters steps (left as it was).
+
+    Under torchrun every rank calls this: rank 0 holds the run directory's lock and writes it."""
     out = Path(out)
-    with deferred_interrupts() as interrupt, run.lock(out):
-        if not resume:
-            run.refuse_existing(out)
-        return _train(cfg, out, resume, quiet, interrupt)
+    w = distributed.world()
+    with deferred_interrupts() as interrupt, contextlib.ExitStack() as held:
+        held.callback(distributed.leave)
+        distributed.join(w, resolve_device(cfg.train.device))
+
+        def claim():
+            held.enter_context(run.lock(out))
+            if not resume:
+                run.refuse_existing(out)
+
+        try:
+            distributed.from_main(w, claim)
+            return _train(cfg, out, resume, quiet, interrupt, w)
+        except AttnlmError as err:
+            if w.main or not getattr(err, "shared", False):
+                raise
+            sys.exit(err.exit_code)  # rank 0 reports it for the whole job
 
 
-def _train(cfg, out, resume, quiet, interrupt):
+def _train(cfg, out, resume, quiet, interrupt, w):
     cfg = cfg if resume else fix_schedule(cfg)
     t, m = cfg.train, cfg.model
     ckpt = run.load_checkpoint(out) if resume else None
     if ckpt and ckpt["step"] >= t.max_iters:
         return None
-    ready = preflight(cfg, ckpt, progress=not quiet)
+    ready = prepare_job(cfg, ckpt, w, progress=not quiet and w.main)
     device, tokenizer, splits = ready.device, ready.tokenizer, ready.splits
-    show_bar = not quiet and sys.stderr.isatty()
-    say = (lambda msg: None) if quiet else tqdm.write if show_bar else run.note
+    show_bar = not quiet and w.main and sys.stderr.isatty()
+    say = (lambda msg: None) if quiet or not w.main else tqdm.write if show_bar else run.note
     if warning := slow_dtype_warning(device, t.dtype):
         say(warning)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = GPT(m, tokenizer.vocab_size).to(device)
-    optimizer = make_optimizer(model, t, device)
+    trained = distributed.wrap(model, w, t.parallel, device)  # what the job's steps run
+    optimizer = make_optimizer(trained, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "float16")
     sampler = BatchSampler(splits["train"], m.block_size, t.batch_size, t.seed, device)
     step, best_val = 0, math.inf
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        distributed.load_full_state(trained, optimizer, ckpt["model"], ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
+        restore_random_state(ckpt["rng"], device, w)
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
     interrupt.check()  # the last moment at which nothing has been written
     metrics = run.MetricsLog(out)
     saved = {"step": step if ckpt else None, "config": False}
 
     def save():
-        if not saved["config"]:  # config.yaml changes with the first checkpoint of this process
-            run.write_config(out, cfg)
-            saved["config"] = True
-        run.save_checkpoint(out, {
-            "config": config_mod.to_dict(cfg), "tokenizer": tokenizer.state(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state_dict(), "rng": {"torch": torch.get_rng_state()},
-            "step": step, "best_val_loss": best_val, "data_sha256": ready.data_sha256,
-        }, t.keep_last)
+        # Every rank takes part (FSDP gathers the shards); rank 0 writes.
+        model_state, optimizer_state = distributed.full_state(trained, optimizer)
+        rng = random_state(device, w)
+        if w.main:
+            if not saved["config"]:  # config.yaml changes with the first checkpoint of this process
+                run.write_config(out, cfg)
+                saved["config"] = True
+            run.save_checkpoint(out, {
+                "config": config_mod.to_dict(cfg), "tokenizer": tokenizer.state(),
+                "model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
+                "sampler": sampler.state_dict(), "rng": rng, "world_size": w.size,
+                "step": step, "best_val_loss": best_val, "data_sha256": ready.data_sha256,
+            }, t.keep_last)
         saved["step"] = step
 
     if ckpt:
-        metrics.resume(step)
+        if w.main:
+            metrics.resume(step)
         say(describe_schedule(t, step))
     else:  # the run directory is whole from here: a run that fails later can be resumed
-        run.write_tokenizer(out, tokenizer)
-        metrics.start()
+        if w.main:
+            run.write_tokenizer(out, tokenizer)
+            metrics.start()
         save()
 
-    tokens_per_step = t.batch_size * t.grad_accum * m.block_size
+    micro_batches = t.grad_accum * w.size  # of batch_size sequences, drawn as one for the step
+    tokens_per_step = t.batch_size * micro_batches * m.block_size
     bar = tqdm(total=t.max_iters, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
-    train_time, start_step, val_loss = 0.0, step, None
-    model.train()
+    train_time, start_step, val_loss, stop = 0.0, step, None, False
+    trained.train()
     try:
         while step < t.max_iters:
-            if interrupt.signal is not None:
+            if stop:
                 if saved["step"] != step:
                     save()
-                raise Interrupted(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+                raise distributed.shared(Interrupted(
+                    f"interrupted at step {step}; checkpoint saved, continue with --resume"))
             tick = time.perf_counter()
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # This rank's share of the step: micro-batch i of every rank is drawn before i + 1.
+            starts = sampler.draw(micro_batches * t.batch_size).view(t.grad_accum, w.size, -1)
             loss_value = 0.0
-            for _ in range(t.grad_accum):
-                x, y = sampler.next()
-                with ready.amp:
-                    _, loss = model(x, y)
-                scaler.scale(loss / t.grad_accum).backward()
+            for i, mine in enumerate(starts[:, w.rank]):
+                x, y = sampler.windows_at(mine)
+                with distributed.gradient_sync(trained, i == t.grad_accum - 1), ready.amp:
+                    _, loss = trained(x, y)
+                    scaler.scale(loss / t.grad_accum).backward()
                 loss_value += loss.item() / t.grad_accum
+            # One collective: the job's mean loss, and whether any rank was asked to stop.
+            loss_sum, stops = distributed.agree([loss_value, interrupt.signal is not None], w, device)
+            loss_value, stop = loss_sum / w.size, stops > 0
             if not math.isfinite(loss_value):
-                raise AttnlmError(f"loss became {loss_value} at step {step + 1}; stopped, the "
-                                  "last good checkpoint is kept (try a lower train.lr)")
+                raise distributed.shared(AttnlmError(
+                    f"loss became {loss_value} at step {step + 1}; stopped, the last good "
+                    "checkpoint is kept (try a lower train.lr)"))
             if t.grad_clip:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), t.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -223,20 +290,24 @@ def _train(cfg, out, resume, quiet, interrupt):
             bar.update(1)
             if step % t.log_interval == 0 or step == t.max_iters:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-                metrics.write(step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)
+                if w.main:
+                    metrics.write(step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)
             if step % t.eval_interval == 0 or step == t.max_iters:
-                val_loss = split_loss(model, splits["val"], m.block_size, t.batch_size, device,
+                val_loss = split_loss(trained, splits["val"], m.block_size, t.batch_size, device,
                                       t.dtype, max_batches=t.eval_iters, seed=t.seed)
                 if diverged(val_loss, tokenizer.vocab_size):
-                    raise AttnlmError(
+                    raise distributed.shared(AttnlmError(
                         f"val loss {val_loss:.4g} at step {step}: the model diverged; stopped, the "
                         f"checkpoint of step {saved['step']} is kept (resume with a lower "
-                        "train.lr: --resume --set train.lr=...)")
+                        "train.lr: --resume --set train.lr=...)"))
                 best_val = min(best_val, val_loss)
-                metrics.write(step=step, val_loss=val_loss)
+                if w.main:
+                    metrics.write(step=step, val_loss=val_loss)
                 say(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
                 save()
     except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if w.size > 1 and distributed.is_lost_peer(err):
+            raise distributed.lost_peer(err) from None
         if not _out_of_memory(err):
             raise
         raise AttnlmError(
@@ -250,6 +321,23 @@ def _train(cfg, out, resume, quiet, interrupt):
         "tokens_per_s": (step - start_step) * tokens_per_step / train_time if train_time else None,
         "train_time_s": train_time, "params": model.num_params(), "out": str(out),
         "val_tokens_per_byte": len(splits["val"]) / splits["val"].n_bytes,
+        "world_size": w.size, "sequences_per_step": micro_batches * t.batch_size,
     }
-    run.write_summary(out, summary)
+    if w.main:
+        run.write_summary(out, summary)
     return summary
+
+
+def random_state(device, w):
+    """The CPU generator's state (the same on every rank: one seed) and, on CUDA, each rank's
+    device generator's, in rank order."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = distributed.gather(torch.cuda.get_rng_state(device), w)
+    return state
+
+
+def restore_random_state(state, device, w):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda"):
+        torch.cuda.set_rng_state(state["cuda"][w.rank % len(state["cuda"])], device)

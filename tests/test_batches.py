@@ -19,6 +19,16 @@ def test_batches_shift_by_one_and_repeat_for_a_seed():
     assert torch.equal(a.next()[0], after)
 
 
+@pytest.mark.parametrize("starts", [None, torch.arange(0, 900, 7)])
+def test_one_draw_of_2n_is_two_draws_of_n(starts):
+    """What lets a step's windows be the same however a job splits them (torchrun)."""
+    split = Split(torch.arange(1000), 1000, starts)
+    whole, halves = (BatchSampler(split, 16, 4, seed=5) for _ in range(2))
+    assert torch.equal(whole.draw(64), torch.cat([halves.draw(32), halves.draw(32)]))
+    x, y = whole.windows_at(torch.tensor([3, 40]))
+    assert x[:, 0].tolist() == [3, 40] and torch.equal(y, x + 1)
+
+
 def test_windows_cover_every_prediction_once():
     split = Split(torch.arange(23), 23)
     targets = torch.cat([y.flatten() for _, y in windows(split, block_size=5, batch_size=2)])

@@ -1,0 +1,94 @@
+"""The CUDA path, where a GPU is at hand (skipped elsewhere): the Triton kernels compiled for the
+device against SDPA in each precision, training with every backend under bfloat16 autocast,
+cached against uncached generation, and exact resume with float16's GradScaler.
+benchmarks/gpu_check.sh runs these with the CUDA benchmarks in one call."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from attnlm.attention import BACKENDS, sdpa
+from attnlm.config import ModelConfig
+from attnlm.model import GPT
+from attnlm.sampling import Controls, generate
+from attnlm.train import train
+from tests.helpers import text_file, tiny_config
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # tf32 for fp32
+
+
+@pytest.fixture(scope="module")
+def triton_attend():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("the optional triton package is not installed")
+    from attnlm.attention import triton_kernel
+
+    return triton_kernel.attend
+
+
+def forward_backward(attend, q, k, v, grad, **kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v, causal=True, scale=q.size(-1) ** -0.5, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t, d", [(1, 64), (200, 64), (1024, 64), (333, 128), (2048, 128)])
+def test_triton_matches_sdpa_forward_and_backward(triton_attend, dtype, t, d):
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 4, t, d, device="cuda", dtype=dtype, generator=gen)
+                     for _ in range(4))
+    got = forward_backward(triton_attend, q, k, v, grad)
+    want = forward_backward(sdpa.attend, q, k, v, grad)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype, name
+        scale = w.float().abs().max().item()
+        err = (g.float() - w.float()).abs().max().item()
+        assert err <= TOLERANCE[dtype] * max(scale, 1.0), (name, err, scale)
+
+
+def curve(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_training_with_each_backend_under_bfloat16(tmp_path, backend):
+    source = text_file(tmp_path)
+    for name in ("sdpa", backend):
+        if not (tmp_path / name).exists():
+            train(tiny_config(source, f"model.attention={name}", "train.device=cuda",
+                              "train.dtype=bfloat16", "train.max_iters=60"), tmp_path / name,
+                  quiet=True)
+    got, want = curve(tmp_path / backend), curve(tmp_path / "sdpa")
+    assert got[-1] < 0.7 * got[0]  # it learns
+    assert got == pytest.approx(want, rel=0.05, abs=0.05)  # and as sdpa does, within bf16 noise
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_cached_generation_equals_uncached(backend):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=48, attention=backend)
+    model = GPT(cfg, 97).cuda().eval()
+    prompt = torch.randint(97, (3, 5), device="cuda")
+
+    def run(use_cache):
+        steps = generate(model, prompt, 80, Controls(temperature=0.0), use_cache=use_cache)
+        return torch.stack(list(steps), dim=1)
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_exact_resume_with_the_float16_grad_scaler(tmp_path):
+    source = text_file(tmp_path)
+    common = ["train.device=cuda", "train.dtype=float16", "train.lr_decay_iters=20",
+              "model.dropout=0.1"]
+    train(tiny_config(source, *common), tmp_path / "full", quiet=True)
+    train(tiny_config(source, *common, "train.max_iters=10"), tmp_path / "cut", quiet=True)
+    train(tiny_config(source, *common), tmp_path / "cut", resume=True, quiet=True)
+    assert curve(tmp_path / "cut") == curve(tmp_path / "full")
