@@ -27,7 +27,7 @@ timeout 240 $py -m pytest -q -p no:cacheprovider -m "cuda or not slow" tests/tes
 
 for d in 64 128; do
   timeout 120 $py benchmarks/attention.py --device cuda --dtype bfloat16 --head-dim "$d" \
-      --lengths 1024,2048,4096,8192,16384 --backends sdpa,tiled,triton --reps 5 \
+      --lengths 1024,2048,4096,8192,16384 --backends sdpa,tiled,triton --reps 5 --no-memory \
       > "$out/attention-d$d.jsonl" || status=1
 done
 
