@@ -48,8 +48,9 @@ def world():
 
 def join(w, device):
     """Join the job's process group (nccl on CUDA, gloo on the CPU); returns this rank's device."""
-    if device.type == "cuda":
+    if device.type == "cuda" and w.size > 1:  # one GPU a process: the node's LOCAL_RANK-th
         device = torch.device("cuda", w.local_rank)
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     if w.size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
