@@ -1,14 +1,13 @@
-"""Command line: attnlm train | generate | eval | gather | plot. Parses, builds the config, calls
-the library and prints; maps expected errors to one line and an exit code (0 ok, 1 runtime,
-2 usage/input, 130 interrupt, 141 output pipe closed)."""
+"""Command line: attnlm train | generate | eval | gather | plot. Parses, calls the library (the
+Python API in attnlm.api where one serves) and prints; cli_support.Group maps expected errors to
+one line and an exit code (0 ok, 1 runtime, 2 usage/input, 130 interrupt, 141 pipe closed)."""
 
 import json
 
 import click
 import yaml
 
-from attnlm import api
-from attnlm import config as config_mod
+from attnlm import api, config as config_mod
 from attnlm.cli_support import (Group, config_option, json_option, machine_options, positive,
                                 quiet_option, runs_argument, sampling_options, set_option)
 from attnlm.errors import InputError
