@@ -1,46 +1,16 @@
-"""Command line: attnlm train | generate | eval | gather | plot. Parses, builds the config, calls
-the library and prints; maps expected errors to one line and an exit code (0 ok, 1 runtime,
-2 usage/input, 130 interrupt, 141 output pipe closed)."""
+"""Command line: attnlm train | generate | eval | gather | plot. Parses, calls the library (the
+Python API in attnlm.api where one serves) and prints; cli_support.Group maps expected errors to
+one line and an exit code (0 ok, 1 runtime, 2 usage/input, 130 interrupt, 141 pipe closed)."""
 
-import contextlib
 import json
-import os
-import sys
-import traceback
 
 import click
 import yaml
 
-from attnlm import choices
-from attnlm import config as config_mod
-from attnlm.errors import AttnlmError, InputError
-
-
-class Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except AttnlmError as err:
-            self._fail(ctx, f"error: {err}", err.exit_code)
-        except KeyboardInterrupt:
-            self._fail(ctx, "interrupted", 130)
-        except BrokenPipeError:  # the reader went away (`attnlm generate RUN | head`): stop quietly
-            with contextlib.suppress(OSError, ValueError):  # ValueError: not a real file (tests)
-                # stdout to /dev/null, so that flushing it at exit does not fail on the pipe
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            ctx.exit(141)  # as a process killed by SIGPIPE
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except Exception as err:  # a bug: say so in one line unless --debug asks for the trace
-            self._fail(ctx, f"internal error: {type(err).__name__}: {err} (rerun with --debug "
-                            "for the traceback)", 1)
-
-    @staticmethod
-    def _fail(ctx, message, code):
-        if ctx.obj and ctx.obj.get("debug"):
-            traceback.print_exc()
-        click.echo(message, err=True)
-        ctx.exit(code)
+from attnlm import api, config as config_mod
+from attnlm.cli_support import (Group, config_option, json_option, machine_options, positive,
+                                quiet_option, runs_argument, sampling_options, set_option)
+from attnlm.errors import InputError
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,57 +20,6 @@ class Group(click.Group):
 def cli(ctx, debug):
     """Train, sample and evaluate small causal Transformer language models."""
     ctx.obj = {"debug": debug}
-
-
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             help="YAML config file, or a shipped recipe by name (shakespeare_char, copy, associative_recall).")
-set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                          help="Override one config value; repeatable. Wins over --config.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines.")
-
-
-def machine_options(command):
-    """--device and --threads, for the commands that load a model: train.device and
-    train.threads for this command, checked as those are."""
-    command = click.option("--threads", type=int, default=0, show_default=True,
-                           help="CPU threads; 0 means all cores.")(command)
-    return click.option("--device", default="auto", show_default=True,
-                        help=f"{', '.join(choices.DEVICES)} or cuda:N.")(command)
-
-
-def _load(run, device, threads):
-    """(model, tokenizer, config, checkpoint) of a run, on the device asked for."""
-    from attnlm.run import load_model
-    from attnlm.runtime import resolve_device, set_threads
-
-    machine = config_mod.build_config({"train": {"device": device, "threads": threads}}).train
-    set_threads(machine.threads)
-    return load_model(run, resolve_device(machine.device))
-
-
-SAMPLING = {  # generate's options, each overriding the run's sample.* value of the same name
-    "max_new_tokens": "Tokens to generate per sample.",
-    "temperature": "Softmax temperature; 0 is greedy.",
-    "top_k": "Sample among the k likeliest tokens; 0 disables.",
-    "top_p": "Sample among the fewest likeliest tokens whose probability reaches p; 1 disables.",
-    "min_p": "Drop tokens less likely than min-p times the likeliest one; 0 disables.",
-    "repetition_penalty": "Above 1, tokens already in the text become less likely (CTRL's "
-                          "penalty); 1 disables.",
-    "num_samples": "Samples to draw, together in one batch.",
-    "seed": "Random seed: same seed, same text, with or without the cache.",
-}
-
-
-def sampling_options(command):
-    for name, text in reversed(SAMPLING.items()):
-        command = click.option(f"--{name.replace('_', '-')}", name,
-                               type=config_mod.KEYS[f"sample.{name}"], help=text)(command)
-    return command
-
-
-def _warn(message):
-    click.echo(f"warning: {message}", err=True)
 
 
 def _run_name(config_path, overrides):
@@ -186,14 +105,11 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
     """
     import time
 
-    from attnlm.prompt import prompt_ids, prompt_text, stop_texts, unescape
-    from attnlm.sampling import Controls, complete
+    from attnlm.prompt import prompt_text, unescape
 
-    model, tokenizer, cfg, _ = _load(run, device, threads)
-    sample["prompt"] = prompt_text(prompt, prompt_file)
-    given = {key: value for key, value in sample.items() if value is not None}
-    s = config_mod.build_config({"sample": given}, base=cfg).sample
-    ids = prompt_ids(tokenizer, s.prompt, cfg.model.block_size, _warn)
+    loaded = api.load_run(run, device=device, threads=threads)
+    s = api.sample_config(loaded, prompt_text(prompt, prompt_file), **sample)
+    ids = api.encode_prompt(loaded, s)
 
     def show(row, piece):
         if row == 0 and not as_json:
@@ -201,10 +117,8 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
 
     show(0, s.prompt)
     tick = time.perf_counter()
-    samples = complete(model, tokenizer, ids, s.max_new_tokens, Controls.of(s),
-                       num_samples=s.num_samples, seed=s.seed, use_cache=not no_cache, on_text=show,
-                       compile=compile_steps,
-                       stop=stop_texts([unescape(x) for x in stop] if stop else [s.stop]))
+    samples = api.samples(loaded, s, ids, stop=[unescape(x) for x in stop] or None,
+                          use_cache=not no_cache, compile=compile_steps, on_text=show)
     seconds = time.perf_counter() - tick
     tokens = sum(sample.tokens for sample in samples)
     if as_json:
@@ -217,9 +131,6 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
     for sample in samples[1:]:
         click.echo("---")
         click.echo(s.prompt + sample.text)
-
-
-positive = click.IntRange(min=1)
 
 
 @cli.command("eval")
@@ -252,14 +163,10 @@ def evaluate(run, device, threads, as_json, **options):
     over the text's query positions, beside the most it can be (uniform attention over the keys
     each query sees). Attention weights show what was gathered, not why the model decided.
     """
-    from attnlm.evaluate import describe, evaluate_run
+    from attnlm.evaluate import describe
 
-    model, tokenizer, cfg, _ = _load(run, device, threads)
-    result = evaluate_run(model, tokenizer, cfg, **options)
+    result = api.eval_run(api.load_run(run, device=device, threads=threads), **options)
     click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))
-
-
-runs_argument = click.argument("runs", nargs=-1, required=True)
 
 
 @cli.command()
@@ -278,7 +185,7 @@ def gather(runs, fmt):
     from attnlm.gather import table, to_csv, to_markdown
     from attnlm.run import find_runs
 
-    columns, rows = table(find_runs(runs, _warn), _warn)
+    columns, rows = table(find_runs(runs, api.warn), api.warn)
     click.echo((to_csv if fmt == "csv" else to_markdown)(columns, rows), nl=False)
 
 
@@ -298,7 +205,7 @@ def plot(runs, out, log_y, y_axis):
     from attnlm.run import find_runs
     from attnlm.plots import loss_curves
 
-    found = find_runs(runs, _warn)
+    found = find_runs(runs, api.warn)
     if out is None and len(found) > 1:
         raise InputError(f"{len(found)} runs to overlay: say where the plot goes with --out FILE.png")
     out = out or str(found[0] / "loss.png")

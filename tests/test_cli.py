@@ -153,3 +153,13 @@ def test_attention_map_into_an_unwritable_place_is_one_line(trained, tmp_path):
     assert result.exit_code == 2, result.output
     assert f"cannot create folder {blocker / 'maps'}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_prompt_longer_than_the_window_warns_and_keeps_its_end(trained):
+    long = "line 1: the quick brown fox jumps over the lazy dog. " * 2  # 106 characters
+    result = run("generate", trained[0], "--prompt", long, "--max-new-tokens", 3, "--temperature", 0)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("warning: the prompt is 106 tokens, longer than the model's 32-token "
+                             "window; keeping its last 32\n")
+    end = run("generate", trained[0], "--prompt", long[-32:], "--max-new-tokens", 3, "--temperature", 0)
+    assert result.stdout[len(long):] == end.stdout[32:]  # the same continuation as from the end
