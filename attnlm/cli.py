@@ -22,12 +22,6 @@ def cli(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-def _run_name(config_path, overrides):
-    from attnlm.config import run_name
-
-    return "runs/" + run_name(config_path, overrides)
-
-
 @cli.command()
 @config_option
 @set_option
@@ -48,7 +42,7 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
     with deferred_interrupts():  # first of all: no signal is lost, not even during imports
         from attnlm import distributed, run, train as train_mod
 
-        out = out or _run_name(config_path, overrides)
+        out = out or "runs/" + config_mod.run_name(config_path, overrides)
         doc = config_mod.read_yaml(config_path) if config_path else None
         cfg = train_mod.configure(doc, overrides, out, resume)
         if dry_run:
