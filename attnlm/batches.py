@@ -22,6 +22,11 @@ class Split:
     def __len__(self):
         return len(self.tokens)
 
+    @property
+    def tokens_per_byte(self):
+        """What turns a loss per token into one per byte, the same whatever the tokenizer."""
+        return len(self.tokens) / self.n_bytes
+
 
 def window_starts(split, block_size, name="this"):
     """The split's starts that leave room for a window of block_size + 1 tokens, or None where

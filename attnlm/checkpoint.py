@@ -23,7 +23,7 @@ def _digest(value, h):
     """Feed a payload into hash `h` in its own order (dicts keep insertion order)."""
     if isinstance(value, torch.Tensor):
         h.update(f"tensor {value.dtype} {tuple(value.shape)}".encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
     elif isinstance(value, dict):
         h.update(f"dict {len(value)}".encode())
         for key, item in value.items():

@@ -43,7 +43,7 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
         from attnlm import distributed, run, train as train_mod
 
         out = out or "runs/" + config_mod.run_name(config_path, overrides)
-        doc = config_mod.read_yaml(config_path) if config_path else None
+        doc = config_mod.read_yaml(config_mod.config_file(config_path)) if config_path else None
         cfg = train_mod.configure(doc, overrides, out, resume)
         if dry_run:
             train_mod.dry_run(cfg, out, resume, quiet)

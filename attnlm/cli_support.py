@@ -22,6 +22,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except AttnlmError as err:
+            if getattr(err, "shared", False) and os.environ.get("RANK", "0") != "0":
+                ctx.exit(err.exit_code)  # every rank of a torchrun job has it: rank 0 says it
             self._fail(ctx, f"error: {err}", err.exit_code)
         except KeyboardInterrupt:
             self._fail(ctx, "interrupted", 130)
@@ -45,7 +47,8 @@ class Group(click.Group):
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             help="YAML config file, or a shipped recipe by name (shakespeare_char, copy, associative_recall).")
+                             help="YAML config file, or a shipped recipe by name: "
+                                  f"{', '.join(config_mod.recipe_names())}.")
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override one config value; repeatable. Wins over --config.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")

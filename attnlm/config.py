@@ -195,8 +195,8 @@ def config_file(name):
                      f"(recipes: {', '.join(recipe_names())})")
 
 
-def read_yaml(name):
-    path = config_file(name)
+def read_yaml(path):
+    """A YAML file's document; InputError naming the file if it cannot be read or parsed."""
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
@@ -224,8 +224,9 @@ def build_config(yaml_doc=None, overrides=(), base=None):
     return cfg
 
 
-def load_config(path=None, overrides=()):
-    return build_config(read_yaml(path) if path else None, overrides)
+def load_config(name=None, overrides=()):
+    """The config of a --config value (a file, or a recipe by name) and --set overrides."""
+    return build_config(read_yaml(config_file(name)) if name else None, overrides)
 
 
 def to_dict(cfg):

@@ -101,14 +101,15 @@ def gradient_sync(model, enabled):
 
 def agree(values, w, device):
     """The sum over ranks of a few floats (each rank's loss, its stop flags), one collective."""
+    if w.size == 1:
+        return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if w.size > 1:
-        try:
-            dist.all_reduce(tensor)
-        except RuntimeError as err:
-            if is_lost_peer(err):
-                raise lost_peer(err) from None
-            raise
+    try:
+        dist.all_reduce(tensor)
+    except RuntimeError as err:
+        if is_lost_peer(err):
+            raise lost_peer(err) from None
+        raise
     return tensor.tolist()
 
 

@@ -40,7 +40,7 @@ def report(loss, split):
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_byte": loss * len(split) / (split.n_bytes * math.log(2)),
+        "bits_per_byte": loss * split.tokens_per_byte / math.log(2),
         "tokens": len(split),
         "bytes": split.n_bytes,
     }

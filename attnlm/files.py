@@ -1,23 +1,26 @@
 """Writing files so that nothing is lost: whole or absent, never half-written.
 
 Every file attnlm writes goes to a temporary file beside its destination, named
-`.NAME.tmp-PID`, is flushed to disk, then renamed over the destination. A crash at any moment
+`.NAME.tmp-PID@HOST`, is flushed to disk, then renamed over the destination. A crash at any moment
 leaves the old file or the new one, whole; a failure removes the temporary file. A process
 killed outright (kill -9, power loss) cannot remove its own, so `remove_stale_temps` lets the
-next run clear what a dead writer left.
+next run clear what a dead writer left: a process of this machine that no longer runs (a folder
+other machines share, a token cache on a network file system, keeps their writers' files).
 """
 
 import contextlib
 import os
 import re
+import socket
 from pathlib import Path
 
-TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)@(?P<host>.*)$")
+HOST = socket.gethostname()
 
 
 def temp_path(path):
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{HOST}")
 
 
 def _fsync_dir(directory):
@@ -69,8 +72,8 @@ def _alive(pid):
 
 def remove_stale_temps(directory, every=False):
     """Remove the temporary files that writers killed outright left in `directory`: those of
-    processes no longer running, or all of them with `every` (for a folder only this process
-    writes, such as a locked run directory). Returns the paths removed."""
+    this machine's processes that no longer run, or all of them with `every` (for a folder only
+    this process writes, such as a locked run directory). Returns the paths removed."""
     removed = []
     try:
         entries = list(Path(directory).iterdir())
@@ -80,8 +83,10 @@ def remove_stale_temps(directory, every=False):
         match = TEMP.match(entry.name)
         if not match or not entry.is_file():
             continue
-        pid = int(match["pid"])
-        if pid == os.getpid() or (not every and _alive(pid)):
+        pid, host = int(match["pid"]), match["host"]
+        if host == HOST and pid == os.getpid():
+            continue
+        if not every and (host != HOST or _alive(pid)):
             continue
         with contextlib.suppress(OSError):
             entry.unlink()

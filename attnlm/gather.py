@@ -75,7 +75,7 @@ def tokens_per_byte(run):
     cfg = run_mod.read_config(run)
     tokenizer = tokenizer_mod.load(Path(run) / run_mod.TOKENIZER)
     val = prepare_training(cfg, tokenizer)[1]["val"]
-    return len(val) / val.n_bytes
+    return val.tokens_per_byte
 
 
 def to_csv(columns, rows):

@@ -27,9 +27,9 @@ class Interrupted(AttnlmError):
 class Flag:
     signal = None
 
-    def check(self, message="interrupted before training started; nothing was written"):
+    def check(self):
         if self.signal is not None:
-            raise Interrupted(message)
+            raise Interrupted("interrupted before training started; nothing was written")
 
     def run(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) in a worker thread; stops waiting for it (Interrupted) as soon as a

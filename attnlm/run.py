@@ -36,7 +36,9 @@ LOCK = ".lock"
 
 
 def note(message):
-    print(message, file=sys.stderr)
+    """A line on stderr, from rank 0 alone in a torchrun job (every rank would say the same)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -99,7 +101,11 @@ def save_checkpoint(out, payload, keep_last=0):
         folder.mkdir(exist_ok=True)
         kept = folder / f"step-{payload['step']:07d}.pt"
         kept.unlink(missing_ok=True)
-        os.link(out / CHECKPOINT, kept)
+        try:
+            os.link(out / CHECKPOINT, kept)
+        except OSError as err:  # a file system without hard links, or a full one
+            raise AttnlmError(f"cannot keep {kept} for train.keep_last={keep_last}: "
+                              f"{err.strerror}; checkpoint.pt itself was saved") from None
         for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
             old.unlink()
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass(frozen=True)
 class Controls:
     """How the next token is chosen; the defaults change nothing (plain sampling). Ranges are

@@ -52,7 +52,7 @@ def describe_schedule(t, step):
             "train.lr_decay_iters sets another horizon)")
 
 
-def make_optimizer(model, t, device):
+def make_optimizer(model, t):
     """AdamW with weight decay on matrices only (not on biases, norms' gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -65,7 +65,10 @@ def make_optimizer(model, t, device):
 def configure(yaml_doc, overrides, out, resume=False):
     """The config of a new run, or that of the run in `out` with new overrides on top."""
     if resume:
-        return resume_config(out, yaml_doc, overrides)
+        try:
+            return resume_config(out, yaml_doc, overrides)
+        except AttnlmError as err:  # every rank of a job reads the same files and refuses alike
+            raise distributed.shared(err) from None
     return fix_schedule(config_mod.build_config(yaml_doc, overrides))
 
 
@@ -92,9 +95,9 @@ def keep_step_size(cfg, saved_size, w):
     if saved_size == w.size:
         return cfg
     if per_step % w.size:
-        raise InputError(f"this run takes {per_step} micro-batches of {t.batch_size} a step, saved "
-                         f"by {saved_size} processes; {w.size} cannot share them evenly (use a number "
-                         f"of processes that divides {per_step}, or set train.grad_accum)")
+        raise InputError(f"this run takes {per_step} micro-batch(es) of {t.batch_size} a step, saved "
+                         f"by {saved_size} process(es); {w.size} cannot share them evenly (use a "
+                         f"number of processes that divides {per_step}, or set train.grad_accum)")
     accum = per_step // w.size
     if w.main:
         run.note(f"resuming on {w.size} process{'es' * (w.size > 1)} a run saved by {saved_size}: "
@@ -182,13 +185,8 @@ def train(cfg, out, resume=False, quiet=False):
             if not resume:
                 run.refuse_existing(out)
 
-        try:
-            distributed.from_main(w, claim)
-            return _train(cfg, out, resume, quiet, interrupt, w)
-        except AttnlmError as err:
-            if w.main or not getattr(err, "shared", False):
-                raise
-            sys.exit(err.exit_code)  # rank 0 reports it for the whole job
+        distributed.from_main(w, claim)
+        return _train(cfg, out, resume, quiet, interrupt, w)
 
 
 def _train(cfg, out, resume, quiet, interrupt, w):
@@ -206,14 +204,15 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = GPT(m, tokenizer.vocab_size).to(device)
     trained = distributed.wrap(model, w, t.parallel, device)  # what the job's steps run
-    optimizer = make_optimizer(trained, t, device)
+    optimizer = make_optimizer(trained, t)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "float16")
     sampler = BatchSampler(splits["train"], m.block_size, t.batch_size, t.seed, device)
     step, best_val = 0, math.inf
     if ckpt:
         distributed.load_full_state(trained, optimizer, ckpt["model"], ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
+        if ckpt.get("scaler"):  # empty where the run trained without float16
+            scaler.load_state_dict(ckpt["scaler"])
         restore_random_state(ckpt["rng"], device, w)
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
     interrupt.check()  # the last moment at which nothing has been written
@@ -267,8 +266,9 @@ def _train(cfg, out, resume, quiet, interrupt, w):
             loss_value = 0.0
             for i, mine in enumerate(starts[:, w.rank]):
                 x, y = sampler.windows_at(mine)
-                with distributed.gradient_sync(trained, i == t.grad_accum - 1), ready.amp:
-                    _, loss = trained(x, y)
+                with distributed.gradient_sync(trained, i == t.grad_accum - 1):
+                    with ready.amp:  # the forward pass alone: backward runs in the forward's dtypes
+                        _, loss = trained(x, y)
                     scaler.scale(loss / t.grad_accum).backward()
                 loss_value += loss.item() / t.grad_accum
             # One collective: the job's mean loss, and whether any rank was asked to stop.
@@ -320,7 +320,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
         "steps": step, "train_loss": loss_value, "val_loss": val_loss, "best_val_loss": best_val,
         "tokens_per_s": (step - start_step) * tokens_per_step / train_time if train_time else None,
         "train_time_s": train_time, "params": model.num_params(), "out": str(out),
-        "val_tokens_per_byte": len(splits["val"]) / splits["val"].n_bytes,
+        "val_tokens_per_byte": splits["val"].tokens_per_byte,
         "world_size": w.size, "sequences_per_step": micro_batches * t.batch_size,
     }
     if w.main:

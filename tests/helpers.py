@@ -1,5 +1,8 @@
 """Shared set-up for tests that train: a small text and a config small enough to run in seconds."""
 
+import time
+
+from attnlm import run as run_mod
 from attnlm.config import build_config
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60))
@@ -25,3 +28,18 @@ def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
     return path
+
+
+def train_curve(run):
+    """(step, train loss) of every step a run has logged so far."""
+    return [(r["step"], r["loss"]) for r in run_mod.read_metrics(run) if "loss" in r]
+
+
+def wait_for_step(run, step, proc, timeout=90):
+    """Until the training process proc has logged `step` steps into run (or fail)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run / run_mod.METRICS).exists() and len(train_curve(run)) >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"training never reached step {step}: {proc.communicate()}")

@@ -4,7 +4,6 @@ cached against uncached generation, and exact resume with float16's GradScaler.
 benchmarks/gpu_check.sh runs these with the CUDA benchmarks in one call."""
 
 import importlib.util
-import json
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from attnlm.config import ModelConfig
 from attnlm.model import GPT
 from attnlm.sampling import Controls, generate
 from attnlm.train import train
-from tests.helpers import text_file, tiny_config
+from tests.helpers import text_file, tiny_config, train_curve
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -53,8 +52,7 @@ def test_triton_matches_sdpa_forward_and_backward(triton_attend, dtype, t, d):
 
 
 def curve(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [loss for _, loss in train_curve(run)]
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from attnlm import checkpoint
-from tests.helpers import TINY, text_file
+from tests.helpers import TINY, text_file, train_curve, wait_for_step
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 STEPS = ["train.max_iters=12", "train.lr_decay_iters=12", "train.eval_interval=6",
@@ -41,11 +40,6 @@ def finish(proc, timeout=120):
     return out
 
 
-def curve(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
 def assert_same_curve(got, want):
     assert [s for s, _ in got] == [s for s, _ in want]
     for (step, a), (_, b) in zip(got, want):
@@ -63,7 +57,7 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, source
     two = launch(2, *base, *sets(f"train.parallel={parallel}"), "--out", tmp_path / "two")
     one = single(*base, *sets("train.grad_accum=2"), "--out", tmp_path / "one")
     finish(two), finish(one)
-    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
+    assert_same_curve(train_curve(tmp_path / "two"), train_curve(tmp_path / "one"))
     # One job, one run directory: written once, by rank 0.
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == \
         sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith("."))
@@ -86,7 +80,7 @@ def test_a_run_saved_by_two_processes_resumes_on_one(tmp_path, source):
     err = resumed.communicate(timeout=120)[1]
     assert resumed.returncode == 0, err
     assert "1 process" in err and "train.grad_accum 1 -> 2" in err  # says how it keeps the step
-    assert_same_curve(curve(tmp_path / "cut"), curve(tmp_path / "full"))
+    assert_same_curve(train_curve(tmp_path / "cut"), train_curve(tmp_path / "full"))
 
 
 def test_a_refusal_on_rank_0_stops_the_job_with_one_line(tmp_path, source):
@@ -96,15 +90,6 @@ def test_a_refusal_on_rank_0_stops_the_job_with_one_line(tmp_path, source):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert err.count("already holds a run") == 1, err[-2000:]
-
-
-def wait_for_step(run, step, proc, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len(curve(run)) >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never reached step {step}: {proc.communicate()}")
 
 
 LONG = ["train.max_iters=100000", "train.eval_interval=3", "train.eval_iters=1"]
@@ -134,7 +119,7 @@ def test_ctrl_c_to_the_launcher_stops_every_rank_after_one_step(tmp_path, source
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0  # torchrun's own code for a signal (1); each rank exits 130
     saved = checkpoint.load(run / "checkpoint.pt")["step"]
-    assert saved == curve(run)[-1][0]  # saved at the step every rank stopped after
+    assert saved == train_curve(run)[-1][0]  # saved at the step every rank stopped after
     assert err.count(f"error: interrupted at step {saved};") == 1, err[-2000:]  # rank 0 says it
 
 
@@ -149,4 +134,4 @@ def test_two_nodes_on_one_machine_train_into_one_run_directory(tmp_path, source)
         finish(node, timeout=240)
     one = single(*base, *sets("train.grad_accum=2"), "--out", tmp_path / "one")
     finish(one)
-    assert_same_curve(curve(tmp_path / "run"), curve(tmp_path / "one"))
+    assert_same_curve(train_curve(tmp_path / "run"), train_curve(tmp_path / "one"))

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from attnlm.files import atomic_open, atomic_write, remove_stale_temps, temp_path
+from attnlm.files import HOST, atomic_open, atomic_write, remove_stale_temps, temp_path
 
 
 def test_atomic_write_replaces_whole(tmp_path):
@@ -29,12 +29,13 @@ def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
 def test_stale_temps_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    stale = tmp_path / f".checkpoint.pt.tmp-{dead}"
-    live = tmp_path / f".checkpoint.pt.tmp-{os.getppid()}"  # a running process's
+    stale = tmp_path / f".checkpoint.pt.tmp-{dead}@{HOST}"
+    live = tmp_path / f".checkpoint.pt.tmp-{os.getppid()}@{HOST}"  # a running process's
+    elsewhere = tmp_path / f".checkpoint.pt.tmp-{dead}@another-machine"  # its pid means nothing here
     mine = temp_path(tmp_path / "x")
     other = tmp_path / "checkpoint.pt"
-    for p in (stale, live, mine, other):
+    for p in (stale, live, elsewhere, mine, other):
         p.write_bytes(b"x")
     assert remove_stale_temps(tmp_path) == [stale]
-    assert remove_stale_temps(tmp_path, every=True) == [live]
+    assert sorted(remove_stale_temps(tmp_path, every=True)) == sorted([live, elsewhere])
     assert mine.exists() and other.exists()

@@ -1,6 +1,5 @@
 """Nothing lost: interruption, kill -9, numerical faults, bad checkpoints, bad input."""
 
-import json
 import os
 import random
 import signal
@@ -18,9 +17,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from attnlm import checkpoint, run as run_mod
 from attnlm.cli import cli
 from attnlm.config import KEYS
+from attnlm.files import temp_path
 from attnlm.interrupt import Interrupted
 from attnlm.train import train
-from tests.helpers import TINY, text_file, tiny_config
+from tests.helpers import TINY, text_file, tiny_config, train_curve, wait_for_step
 
 LONG = [*TINY, "train.max_iters=300", "train.lr_decay_iters=300", "train.eval_interval=100"]
 
@@ -32,20 +32,6 @@ def attnlm(*args, **kwargs):
 
 def sets(*overrides):
     return [x for o in overrides for x in ("--set", o)]
-
-
-def train_losses(run):
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def wait_for_step(run, step, proc, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len(train_losses(run)) >= step:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"training never reached step {step}: {proc.communicate()}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
@@ -63,7 +49,7 @@ def test_signal_saves_exits_130_and_resume_matches_uninterrupted(tmp_path, sig):
     assert 5 <= stopped_at < 300
     resumed = attnlm("train", "--out", tmp_path / "cut", "--resume", "--quiet")
     assert resumed.wait() == 0, resumed.communicate()
-    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
+    assert train_curve(tmp_path / "cut") == train_curve(tmp_path / "full")
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
@@ -111,7 +97,7 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
         run_mod.load_model(run)  # and the weights fit the model
     # A resume after the kill goes on from there, and clears what killed writers left; a temp
     # named after a live process (this one) is stale too, as the run's lock is held.
-    (run / f".checkpoint.pt.tmp-{os.getpid()}").write_bytes(b"half")
+    (run / temp_path(run / "checkpoint.pt").name).write_bytes(b"half")
     proc = attnlm("train", "--out", run, "--resume", "--quiet", "--set", "train.max_iters=400")
     assert proc.wait() == 0, proc.communicate()
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
@@ -234,7 +220,8 @@ keys = st.one_of(st.sampled_from(sorted(KEYS)), st.text(max_size=15))
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pairs=st.lists(st.tuples(keys, values), max_size=4))
-def test_any_set_values_give_0_or_2_never_a_traceback(pairs):
+def test_any_set_values_give_0_or_2_never_a_traceback(pairs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fuzzed relative data.cache_dir or source lands here
     result = invoke("train", "--dry-run", *[x for k, v in pairs for x in ("--set", f"{k}={v}")])
     assert result.exit_code in (0, 2), result.output
     assert "Traceback" not in result.output and "internal error" not in result.output
@@ -251,7 +238,8 @@ yaml_docs = st.recursive(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=yaml_docs)
-def test_any_yaml_document_gives_0_or_2_never_a_traceback(doc, tmp_path_factory):
+def test_any_yaml_document_gives_0_or_2_never_a_traceback(doc, tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path_factory.getbasetemp())  # a relative data.cache_dir lands here
     path = tmp_path_factory.mktemp("yaml") / "c.yaml"
     path.write_text(yaml.safe_dump(doc))
     result = invoke("train", "--dry-run", "--config", path)

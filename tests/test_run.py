@@ -9,6 +9,7 @@ import yaml
 
 from attnlm import checkpoint, run
 from attnlm.errors import AttnlmError, InputError
+from attnlm.files import HOST
 from attnlm.train import resume_config, train
 from tests.helpers import text_file, tiny_config
 
@@ -60,7 +61,7 @@ def test_the_lock_clears_temp_files_of_killed_writers(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     # A temp named after a live process (our parent): only the run lock says it is stale.
-    stale = out / f".checkpoint.pt.tmp-{os.getppid()}"
+    stale = out / f".checkpoint.pt.tmp-{os.getppid()}@{HOST}"
     stale.write_bytes(b"half a checkpoint")
     (out / "checkpoint.pt").write_bytes(b"kept")
     with run.lock(out):
