@@ -4,7 +4,7 @@ otherwise is refused, never approximated.
 
     learned, sinusoidal, none   GPT2LMHeadModel (a fixed position table for sinusoidal and none)
     rope                        GPTNeoXForCausalLM, rotary_pct 1.0, sequential residual
-    alibi                       refused: no transformers architecture computes attnlm's blocks
+    alibi, model.bias=false     MptForCausalLM (MPT has no biases: with them, refused)
 
 Needs the optional extra: pip install 'attnlm[hf]'.
 """
@@ -26,46 +26,66 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # ours -> tran
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which attnlm's norms use
 
 
-def _gpt2_names(n_layer):
-    """(attnlm name, GPT-2 name, is a Linear stored by GPT-2 as a transposed Conv1D)."""
-    names = [("tok_emb.weight", "transformer.wte.weight", False)]
-    for i in range(n_layer):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        for a, b, linear in [("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
-                             ("attn.proj", "attn.c_proj", True), ("norm2", "ln_2", False),
-                             ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]:
-            names += [(f"{ours}{a}.{p}", f"{theirs}{b}.{p}", linear and p == "weight")
-                      for p in ("weight", "bias")]
-    return names + [("norm.weight", "transformer.ln_f.weight", False),
-                    ("norm.bias", "transformer.ln_f.bias", False)]
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where attnlm's weights sit in a transformers architecture, and how they are stored."""
+    cls: str  # the transformers model class
+    embedding: str
+    layer: str  # the prefix of layer i's names, with {} for i
+    modules: tuple  # (attnlm's module, theirs) in each layer
+    final_norm: str
+    params: tuple = ("weight", "bias")  # an architecture without biases has weights alone
+
+    def names(self, n_layer):
+        """(attnlm's name, transformers' name, attnlm's module) of every stored weight."""
+        yield "tok_emb.weight", f"{self.embedding}.weight", "tok_emb"
+        for i in range(n_layer):
+            for ours, theirs in self.modules:
+                for p in self.params:
+                    yield f"blocks.{i}.{ours}.{p}", f"{self.layer.format(i)}{theirs}.{p}", ours
+        for p in self.params:
+            yield f"norm.{p}", f"{self.final_norm}.{p}", "norm"
 
 
-def _neox_names(n_layer):
-    """(attnlm name, GPT-NeoX name, is the fused qkv projection)."""
-    names = [("tok_emb.weight", "gpt_neox.embed_in.weight", False)]
-    for i in range(n_layer):
-        ours, theirs = f"blocks.{i}.", f"gpt_neox.layers.{i}."
-        for a, b in [("norm1", "input_layernorm"), ("attn.qkv", "attention.query_key_value"),
-                     ("attn.proj", "attention.dense"), ("norm2", "post_attention_layernorm"),
-                     ("mlp.fc", "mlp.dense_h_to_4h"), ("mlp.proj", "mlp.dense_4h_to_h")]:
-            names += [(f"{ours}{a}.{p}", f"{theirs}{b}.{p}", a == "attn.qkv") for p in ("weight", "bias")]
-    return names + [("norm.weight", "gpt_neox.final_layer_norm.weight", False),
-                    ("norm.bias", "gpt_neox.final_layer_norm.bias", False)]
+LAYOUTS = {
+    "gpt2": Layout("GPT2LMHeadModel", "transformer.wte", "transformer.h.{}.",
+                   (("norm1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                    ("norm2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")),
+                   "transformer.ln_f"),
+    "gpt_neox": Layout("GPTNeoXForCausalLM", "gpt_neox.embed_in", "gpt_neox.layers.{}.",
+                       (("norm1", "input_layernorm"), ("attn.qkv", "attention.query_key_value"),
+                        ("attn.proj", "attention.dense"), ("norm2", "post_attention_layernorm"),
+                        ("mlp.fc", "mlp.dense_h_to_4h"), ("mlp.proj", "mlp.dense_4h_to_h")),
+                       "gpt_neox.final_layer_norm"),
+    "mpt": Layout("MptForCausalLM", "transformer.wte", "transformer.blocks.{}.",
+                  (("norm1", "norm_1"), ("attn.qkv", "attn.Wqkv"), ("attn.proj", "attn.out_proj"),
+                   ("norm2", "norm_2"), ("mlp.fc", "ffn.up_proj"), ("mlp.proj", "ffn.down_proj")),
+                  "transformer.norm_f", params=("weight",)),
+}
+LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
-def _heads_interleaved(t, n_head):
-    """attnlm's fused qkv rows [q heads | k heads | v heads] in GPT-NeoX's order, head by head
-    [q k v of head 0 | of head 1 | ...]."""
-    return t.reshape(3, n_head, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+def _to_theirs(arch, module, t, n_head):
+    """One attnlm tensor as the architecture stores it: GPT-2 keeps Linear weights transposed
+    (Conv1D); GPT-NeoX orders the fused qkv rows head by head, [q k v of head 0 | of head 1 ..],
+    where attnlm has [q heads | k heads | v heads]."""
+    if arch == "gpt2" and module in LINEARS and t.dim() == 2:
+        return t.t()
+    if arch == "gpt_neox" and module == "attn.qkv":
+        return t.reshape(3, n_head, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return t
 
 
 def architecture(m):
-    """'gpt2' or 'gpt_neox' for a ModelConfig, or InputError saying why none is exact."""
-    if m.pos == "alibi":
-        raise InputError("model.pos=alibi cannot be exported exactly: no transformers "
-                         "architecture computes attnlm's ALiBi blocks (BLOOM adds a norm after "
-                         "the embeddings and another GELU); refused")
-    return "gpt_neox" if m.pos == "rope" else "gpt2"
+    """'gpt2', 'gpt_neox' or 'mpt' for a ModelConfig, or InputError saying why none is exact."""
+    if m.pos == "alibi" and m.bias:
+        raise InputError("model.pos=alibi with model.bias=true cannot be exported exactly: MPT, "
+                         "the ALiBi architecture of transformers that computes attnlm's blocks, "
+                         "has no biases; refused")
+    if m.pos == "alibi" and m.activation != "gelu":
+        raise InputError(f"model.pos=alibi with model.activation={m.activation} cannot be "
+                         "exported exactly: MPT's GELU is the exact one; refused")
+    return {"alibi": "mpt", "rope": "gpt_neox"}.get(m.pos, "gpt2")
 
 
 def _position_table(model):
@@ -80,17 +100,11 @@ def hf_tensors(model, arch):
     """The model's weights under transformers' names, ready for safetensors (the tied head
     stored once, as the embedding: transformers ties it back on load)."""
     ours = model.state_dict()
-    m = model.cfg
-
-    def weight(name, shape_of):  # a bias attnlm leaves out (model.bias=false) adds zeros
-        return ours[name] if name in ours else torch.zeros(ours[shape_of].shape[0])
-
     out = {}
-    for a, b, special in (_gpt2_names if arch == "gpt2" else _neox_names)(m.n_layer):
-        t = weight(a, a.replace(".bias", ".weight"))
-        if special:
-            t = t.t() if arch == "gpt2" else _heads_interleaved(t, m.n_head)
-        out[b] = t
+    for a, b, module in LAYOUTS[arch].names(model.cfg.n_layer):
+        # A bias attnlm leaves out (model.bias=false) is zeros there.
+        t = ours[a] if a in ours else torch.zeros(len(ours[a.replace(".bias", ".weight")]))
+        out[b] = _to_theirs(arch, module, t, model.cfg.n_head)
     if arch == "gpt2":
         out["transformer.wpe.weight"] = _position_table(model)
     return {k: v.detach().float().contiguous() for k, v in out.items()}
@@ -99,20 +113,26 @@ def hf_tensors(model, arch):
 def hf_config(m, vocab_size, eos_id, arch):
     transformers = require("transformers")
     common = dict(vocab_size=vocab_size, tie_word_embeddings=True, bos_token_id=eos_id,
-                  eos_token_id=eos_id)
+                  eos_token_id=eos_id, architectures=[LAYOUTS[arch].cls])
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
             n_inner=4 * m.n_embd, activation_function=ACTIVATIONS[m.activation],
             resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.attn_dropout,
-            layer_norm_epsilon=LAYER_NORM_EPS, architectures=["GPT2LMHeadModel"], **common)
+            layer_norm_epsilon=LAYER_NORM_EPS, **common)
+    if arch == "mpt":  # ALiBi with attnlm's slopes for any head count; no position past max_seq_len
+        return transformers.MptConfig(
+            d_model=m.n_embd, n_heads=m.n_head, n_layers=m.n_layer, expansion_ratio=4,
+            max_seq_len=m.block_size, no_bias=True, layer_norm_epsilon=LAYER_NORM_EPS,
+            resid_pdrop=m.dropout, emb_pdrop=m.dropout,
+            # MPT's attn_pdrop drops in its MLP too, unlike attnlm's: left at 0 (training only)
+            attn_config={"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0}, **common)
     return transformers.GPTNeoXConfig(
         hidden_size=m.n_embd, num_hidden_layers=m.n_layer, num_attention_heads=m.n_head,
         intermediate_size=4 * m.n_embd, hidden_act=ACTIVATIONS[m.activation],
         max_position_embeddings=m.block_size, rotary_pct=1.0, rotary_emb_base=m.rope_base,
         use_parallel_residual=False, attention_bias=True, layer_norm_eps=LAYER_NORM_EPS,
-        hidden_dropout=m.dropout, attention_dropout=m.attn_dropout,
-        architectures=["GPTNeoXForCausalLM"], **common)
+        hidden_dropout=m.dropout, attention_dropout=m.attn_dropout, **common)
 
 
 def export_run(run, out, warn):
@@ -206,10 +226,10 @@ def gpt2_state(tensors, n_layer):
     if head is not None and not torch.equal(head, found.get("transformer.wte.weight", head)):
         raise InputError("the model's output head is not tied to its embedding; attnlm ties them")
     state = {}
-    for ours, theirs, linear in _gpt2_names(n_layer):
+    for ours, theirs, module in LAYOUTS["gpt2"].names(n_layer):
         if theirs not in found:
             raise InputError(f"the weights lack {theirs}")
-        state[ours] = found[theirs].t() if linear else found[theirs]
+        state[ours] = _to_theirs("gpt2", module, found[theirs], None)  # a transpose: its own inverse
     state["pos_emb.table.weight"] = found["transformer.wpe.weight"]
     state["head.weight"] = state["tok_emb.weight"]  # tied
     return {k: v.float().contiguous() for k, v in state.items()}

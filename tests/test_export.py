@@ -55,8 +55,11 @@ CONFIGS = {  # name: (model overrides, tokenizer kind)
     "none-tanh": (["model.pos=none", "model.bias=false", "model.activation=gelu_tanh"], "chars"),
     "rope-bias": (["model.pos=rope", "model.bias=true", "model.rope_base=500"], "bytes"),
     "rope-nobias": (["model.pos=rope", "model.bias=false"], "bpe"),
+    "alibi-4heads": (["model.pos=alibi"], "bytes"),
+    "alibi-6heads": (["model.pos=alibi", "model.n_head=6", "model.n_embd=48"], "bytes"),
 }
-ARCH = {"rope-bias": "GPTNeoXForCausalLM", "rope-nobias": "GPTNeoXForCausalLM"}
+ARCH = {"rope-bias": "GPTNeoXForCausalLM", "rope-nobias": "GPTNeoXForCausalLM",
+        "alibi-4heads": "MptForCausalLM", "alibi-6heads": "MptForCausalLM"}
 
 
 def make_tokenizer(kind):
@@ -69,7 +72,7 @@ def make_run(out, overrides, tokenizer, seed=0):
     """A run directory holding a model with random weights of every size (biases and norms
     too, so a weight in the wrong place shows)."""
     cfg = build_config(overrides=["model.n_layer=2", "model.n_head=4", "model.n_embd=32",
-                                  "model.block_size=64", *overrides])
+                                  "model.block_size=64", "model.bias=false", *overrides])
     torch.manual_seed(seed)
     model = GPT(cfg.model, tokenizer.vocab_size)
     with torch.no_grad():
@@ -141,8 +144,8 @@ def test_the_exported_weights_are_stored_once_with_the_format_set(tmp_path):
         assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
 
 
-def test_alibi_is_refused_in_one_line(tmp_path):
-    make_run(tmp_path / "run", ["model.pos=alibi"], tok.ByteTokenizer())
+def test_alibi_with_biases_is_refused_in_one_line(tmp_path):
+    make_run(tmp_path / "run", ["model.pos=alibi", "model.bias=true"], tok.ByteTokenizer())
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "hf")])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "model.pos=alibi" in result.output
