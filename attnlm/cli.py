@@ -317,7 +317,7 @@ def export_command(run, out):
     attnlm[hf]."""
     from attnlm.export import export_run
 
-    arch = export_run(run, out, _warn)
+    arch = export_run(run, out)
     click.echo(f"wrote {out} ({arch})")
 
 

@@ -135,10 +135,10 @@ def hf_config(m, vocab_size, eos_id, arch):
         hidden_dropout=m.dropout, attention_dropout=m.attn_dropout, **common)
 
 
-def export_run(run, out, warn):
+def export_run(run, out):
     """Write run (a run directory or checkpoint) as a transformers directory at out: config.json,
     model.safetensors, and the tokenizer (tokenizer.json, tokenizer_config.json). Returns the
-    architecture's name. What the tokenizer cannot match exactly is said to warn(message)."""
+    architecture's name. Where the tokenizer cannot give attnlm's ids, stderr says so."""
     safetensors_torch = require("safetensors.torch")
     model, tokenizer, cfg, _ = run_mod.load_model(run)
     arch = architecture(cfg.model)
@@ -155,8 +155,8 @@ def export_run(run, out, warn):
     atomic_write(out / "tokenizer.json", to_hf(tokenizer))
     atomic_write(out / "tokenizer_config.json", tokenizer_config(tokenizer, cfg.model.block_size))
     if tokenizer.kind in LIMITS:
-        warn(f"the exported {tokenizer.kind} tokenizer gives attnlm's ids except: "
-             f"{LIMITS[tokenizer.kind]}")
+        run_mod.note(f"note: the exported {tokenizer.kind} tokenizer gives attnlm's ids except: "
+                     f"{LIMITS[tokenizer.kind]}")
     return config.architectures[0]
 
 
