@@ -210,7 +210,10 @@ def test_an_imported_gpt2_computes_what_transformers_does(gpt2_dir, tmp_path):
 def test_import_reads_a_bin_as_weights_only_and_export_gives_the_same_tensors(gpt2_dir, tmp_path):
     src, theirs, fast = gpt2_dir
     binary = copy_without_weights(src, tmp_path / "bin")
-    torch.save(theirs.state_dict(), binary / "pytorch_model.bin")
+    # As the original GPT-2 files: names without the model's prefix, the causal masks stored too.
+    weights = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items()}
+    weights |= {f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64).tril() for i in range(2)}
+    torch.save(weights, binary / "pytorch_model.bin")
     assert CliRunner().invoke(cli, ["import", str(binary), "--out", str(tmp_path / "run")]).exit_code == 0
     assert CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "hf")]).exit_code == 0
     original = load_file(src / "model.safetensors")
@@ -299,3 +302,13 @@ def test_import_needs_the_directorys_tokenizer(gpt2_dir, tmp_path):
     shutil.copytree(src, bare, ignore=shutil.ignore_patterns("tokenizer*"))
     result = CliRunner().invoke(cli, ["import", str(bare), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "holds no tokenizer files" in result.output
+
+
+def test_an_untied_head_is_refused(gpt2_dir, tmp_path):
+    src, theirs, _ = gpt2_dir
+    untied = copy_without_weights(src, tmp_path / "untied")
+    weights = {k: v.clone() for k, v in theirs.state_dict().items()}
+    weights["lm_head.weight"] += 1
+    torch.save(weights, untied / "pytorch_model.bin")
+    result = CliRunner().invoke(cli, ["import", str(untied), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "not tied" in result.output
