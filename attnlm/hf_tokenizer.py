@@ -159,10 +159,17 @@ def to_hf(tokenizer):
 
 def tokenizer_config(tokenizer, block_size):
     """tokenizer_config.json: the fast tokenizer class, no special tokens added to text (attnlm
-    adds none), the eos token where the tokenizer has one."""
+    adds none), and the special tokens the tokenizer has, where tools look for them
+    (lm-evaluation-harness pads with one and starts texts with another)."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "add_bos_token": False, "add_eos_token": False}
     eos_id = getattr(tokenizer, "eos_id", None)
     if eos_id is not None:
         config["eos_token"] = tokenizer.decode([eos_id])
+    if tokenizer.kind in ("bpe", "unigram"):
+        # attnlm encodes text that spells a special piece ('</s>') as text: split_special_tokens
+        sp = tokenizer.sp
+        config |= {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
+                   "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.unk_id()),
+                   "split_special_tokens": True}
     return json.dumps(config, indent=2, ensure_ascii=False)

@@ -42,9 +42,11 @@ for job in jobs:
         logits = model(ids).logits
         greedy = model.generate(ids, max_new_tokens=job["new"], min_new_tokens=job["new"],
                                 do_sample=False, pad_token_id=0)
-    text_ids = AutoTokenizer.from_pretrained(job["dir"])(job["text"])["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(job["dir"])
     torch.save({"logits": logits, "greedy": greedy[0, ids.size(1):].tolist(),
-                "text_ids": text_ids, "class": type(model).__name__}, job["result"])
+                "text_ids": tokenizer(job["text"])["input_ids"], "class": type(model).__name__,
+                "special": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]},
+               job["result"])
 assert "attnlm" not in sys.modules
 """
 
@@ -131,7 +133,11 @@ def test_transformers_greedy_tokens_are_attnlms(exported, name):
 @pytest.mark.parametrize("name", ["learned-bias", "learned-nobias", "none-tanh", "sinusoidal"])
 def test_autotokenizer_gives_attnlms_ids(exported, name):
     _, tokenizer, theirs, _ = exported[name]
-    assert theirs["text_ids"] == tokenizer.encode(PROBE)
+    assert "</s> <unk>" in PROBE and theirs["text_ids"] == tokenizer.encode(PROBE)
+
+
+def test_sentencepiece_exports_name_their_special_tokens(exported):
+    assert exported["learned-bias"][2]["special"] == ["<s>", "</s>", "<unk>"]
 
 
 def test_the_exported_weights_are_stored_once_with_the_format_set(tmp_path):
@@ -221,6 +227,10 @@ def test_import_reads_a_bin_as_weights_only_and_export_gives_the_same_tensors(gp
     assert original.keys() == again.keys()
     for key in original:
         assert torch.equal(original[key], again[key]), key
+    from transformers import AutoTokenizer
+
+    text = PROBE + "<|endoftext|>"
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == fast(text)["input_ids"]
 
 
 def test_a_pickle_that_runs_code_is_refused(gpt2_dir, tmp_path):
