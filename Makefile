@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q -e '.[dev,triton,plot]'
+	$(PY) -m pip install -q -e '.[dev,triton,plot,hf]'
 	touch $@
 
 install: $(VENV)/.installed

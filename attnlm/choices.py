@@ -8,7 +8,8 @@ import re
 BACKENDS = ("naive", "sdpa", "tiled", "triton")
 DROPOUT_BACKENDS = ("naive", "sdpa")  # those that can drop attention probabilities
 POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
-TOKENIZERS = ("bytes", "chars", "bpe", "unigram")
+TOKENIZERS = ("bytes", "chars", "bpe", "unigram", "hf")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # the MLP's GELU: exact, or the tanh approximation (GPT-2)
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several
 PARALLEL = ("ddp", "fsdp")  # how the processes of a torchrun job share the model

@@ -207,5 +207,38 @@ def plot(runs, out, log_y, y_axis):
     click.echo(f"wrote {out}")
 
 
+@cli.command("export")
+@click.argument("run")
+@click.argument("out", type=click.Path(file_okay=False))
+def export_command(run, out):
+    """Write a trained model (RUN: run directory or checkpoint) as a Hugging Face transformers
+    directory OUT: config.json, model.safetensors and the tokenizer, loaded by
+    AutoModelForCausalLM.from_pretrained(OUT) without custom code. Only exact mappings: learned,
+    sinusoidal and no positions as GPT-2, RoPE as GPT-NeoX; ALiBi is refused. Needs
+    attnlm[hf]."""
+    from attnlm.export import export_run
+
+    arch = export_run(run, out)
+    click.echo(f"wrote {out} ({arch})")
+
+
+@cli.command("import")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@config_option
+@set_option
+def import_command(source, out, config_path, overrides):
+    """Make a run from a local transformers GPT-2 directory SOURCE (model.safetensors, or
+    pytorch_model.bin read as weights only; config.json; tokenizer files). Nothing is
+    downloaded. The model and tokenizer come from SOURCE; --config and --set choose the rest
+    (data.source and train.* for fine-tuning with `attnlm train --out OUT --resume`). Needs
+    attnlm[hf]."""
+    from attnlm.export import import_gpt2
+
+    doc = config_mod.read_yaml(config_path) if config_path else None
+    import_gpt2(source, out, doc, overrides)
+    click.echo(f"imported {source} into {out}")
+
+
 def main():
     cli(prog_name="attnlm")

@@ -29,6 +29,7 @@ class ModelConfig:
     pos: str = "learned"  # positional scheme (see attnlm.positional)
     rope_base: float = 10000.0  # pos=rope: pair i of a head turns by base^(-2i/head_dim) a position
     attention: str = "sdpa"  # attention backend (see attnlm.attention)
+    activation: str = "gelu"  # the MLP's: gelu (exact) or gelu_tanh (GPT-2's approximation)
 
 
 @dataclass
@@ -40,9 +41,10 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "chars"  # bytes, chars, bpe or unigram (SentencePiece, trained on the train split)
+    kind: str = "chars"  # bytes, chars, bpe or unigram (SentencePiece, trained on the train split), hf
     vocab_size: int = 2048  # bpe and unigram: pieces, the 256 byte pieces and 3 special ones included
-    model_file: str = ""  # bpe and unigram: use this SentencePiece .model instead of training one
+    model_file: str = ""  # bpe and unigram: use this SentencePiece .model instead of training one;
+    # hf (needed): a Hugging Face tokenizer.json, or a directory holding a tokenizer
 
 
 @dataclass
@@ -282,6 +284,7 @@ def validate(cfg):
     for key, value in [("train.beta1", t.beta1), ("train.beta2", t.beta2)]:
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
     named = [("model.pos", m.pos, choices.POSITIONAL), ("model.attention", m.attention, choices.BACKENDS),
+             ("model.activation", m.activation, choices.ACTIVATIONS),
              ("tokenizer.kind", cfg.tokenizer.kind, choices.TOKENIZERS),
              ("train.dtype", t.dtype, choices.DTYPES),
              ("train.parallel", t.parallel, choices.PARALLEL)]
@@ -297,9 +300,12 @@ def validate(cfg):
     if k.kind in ("bpe", "unigram") and not k.model_file:
         _check(p, k.vocab_size >= 260, "tokenizer.vocab_size", k.vocab_size,
                "must be at least 260 (256 byte pieces and 3 special pieces come first)")
-    if k.model_file and k.kind not in ("bpe", "unigram"):
-        p.append(f"tokenizer.model_file={_show(k.model_file)} needs tokenizer.kind=bpe or unigram "
-                 f"(not {k.kind!r})")
+    if k.model_file and k.kind not in ("bpe", "unigram", "hf"):
+        p.append(f"tokenizer.model_file={_show(k.model_file)} needs tokenizer.kind=bpe, unigram "
+                 f"or hf (not {k.kind!r})")
+    if k.kind == "hf" and not k.model_file:
+        p.append("tokenizer.kind='hf' needs tokenizer.model_file (a tokenizer.json, or a "
+                 "directory holding one)")
     _validate_sample(s, p)
     return p
 

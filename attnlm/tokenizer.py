@@ -184,7 +184,7 @@ def _sentences(texts):
             yield from (line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE))
 
 
-KINDS = ("bytes", "chars", "bpe", "unigram")
+KINDS = ("bytes", "chars", "bpe", "unigram", "hf")  # hf: attnlm.hf_tokenizer (optional extra)
 SENTENCEPIECE_KINDS = ("bpe", "unigram")
 
 
@@ -199,6 +199,10 @@ def train_tokenizer(cfg, texts):
     """Build the tokenizer that `cfg` (TokenizerConfig) asks for from an iterable of texts."""
     if cfg.kind == "chars":
         return CharTokenizer.train(texts)
+    if cfg.kind == "hf":
+        from attnlm.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_path(cfg.model_file)
     if cfg.kind in SENTENCEPIECE_KINDS and cfg.model_file:
         return SentencePieceTokenizer.from_file(cfg.kind, cfg.model_file)
     if cfg.kind in SENTENCEPIECE_KINDS:
@@ -218,6 +222,10 @@ def from_state(state):
         except binascii.Error:
             raise InputError(f"the saved {kind} tokenizer model is not valid base64") from None
         return SentencePieceTokenizer(kind, model)
+    if kind == "hf":
+        from attnlm import hf_tokenizer
+
+        return hf_tokenizer.from_state(state)
     raise InputError(f"unknown tokenizer state (kind={kind!r})")
 
 
