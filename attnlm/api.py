@@ -55,7 +55,7 @@ def train_run(config, out, *, overrides=(), resume=False, quiet=False):
                              "as overrides, not a RunConfig")
         cfg = config_mod.build_config(overrides=overrides, base=config)
     else:
-        doc = config_mod.read_yaml(config_mod.config_file(config)) if config else None
+        doc = config_mod.config_doc(config)
         cfg = train_mod.configure(doc, overrides, out, resume)
     return train_mod.train(cfg, out, resume=resume, quiet=quiet)
 

@@ -1,5 +1,5 @@
-"""Command line: attnlm train | generate | eval | gather | plot. Parses, calls the library (the
-Python API in attnlm.api where one serves) and prints; cli_support.Group maps expected errors to
+"""Command line: attnlm train | generate | eval | gather | plot | export | import. Parses, calls
+the library (the Python API in attnlm.api where one serves) and prints; cli_support.Group maps expected errors to
 one line and an exit code (0 ok, 1 runtime, 2 usage/input, 130 interrupt, 141 pipe closed)."""
 
 import json
@@ -43,7 +43,7 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
         from attnlm import distributed, run, train as train_mod
 
         out = out or "runs/" + config_mod.run_name(config_path, overrides)
-        doc = config_mod.read_yaml(config_mod.config_file(config_path)) if config_path else None
+        doc = config_mod.config_doc(config_path)
         cfg = train_mod.configure(doc, overrides, out, resume)
         if dry_run:
             train_mod.dry_run(cfg, out, resume, quiet)
@@ -214,8 +214,8 @@ def export_command(run, out):
     """Write a trained model (RUN: run directory or checkpoint) as a Hugging Face transformers
     directory OUT: config.json, model.safetensors and the tokenizer, loaded by
     AutoModelForCausalLM.from_pretrained(OUT) without custom code. Only exact mappings: learned,
-    sinusoidal and no positions as GPT-2, RoPE as GPT-NeoX; ALiBi is refused. Needs
-    attnlm[hf]."""
+    sinusoidal and no positions as GPT-2, RoPE as GPT-NeoX, ALiBi without biases as MPT; what
+    no architecture computes exactly is refused. Needs attnlm[hf]."""
     from attnlm.export import export_run
 
     arch = export_run(run, out)
@@ -235,7 +235,7 @@ def import_command(source, out, config_path, overrides):
     attnlm[hf]."""
     from attnlm.export import import_gpt2
 
-    doc = config_mod.read_yaml(config_path) if config_path else None
+    doc = config_mod.config_doc(config_path)
     import_gpt2(source, out, doc, overrides)
     click.echo(f"imported {source} into {out}")
 

@@ -226,9 +226,14 @@ def build_config(yaml_doc=None, overrides=(), base=None):
     return cfg
 
 
+def config_doc(name):
+    """The YAML document of a --config value (a file, or a recipe by name); None for none."""
+    return read_yaml(config_file(name)) if name else None
+
+
 def load_config(name=None, overrides=()):
-    """The config of a --config value (a file, or a recipe by name) and --set overrides."""
-    return build_config(read_yaml(config_file(name)) if name else None, overrides)
+    """The config of a --config value and --set overrides."""
+    return build_config(config_doc(name), overrides)
 
 
 def to_dict(cfg):
