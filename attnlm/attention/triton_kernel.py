@@ -34,6 +34,13 @@ def _load_rows(base, rows, n_rows, offs_d, D: tl.constexpr, other):
 
 
 @triton.jit
+def _store_rows(base, rows, n_rows, offs_d, D: tl.constexpr, value):
+    """Write `value` into rows `rows` of a (n_rows, D) matrix, out-of-range entries left out."""
+    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < D)
+    tl.store(base + rows[:, None] * D + offs_d[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _visible(rows, cols, tk, offset, CAUSAL: tl.constexpr):
     """Which (row, column) pairs are real keys that the query may see; rows and cols come
     broadcastable, as (M, 1) and (1, N) or transposed."""
@@ -51,6 +58,18 @@ def _alibi(rows, cols, offset, neg_slope, CAUSAL: tl.constexpr):
     if not CAUSAL:
         distance = tl.abs(distance)
     return neg_slope * distance
+
+
+@triton.jit
+def _biased(s, rows, cols, tk, offset, neg_slope, CAUSAL: tl.constexpr, ALIBI: tl.constexpr,
+            MASKED: tl.constexpr):
+    """A tile of base-2 scores s with ALiBi's bias added and what a query may not see at -inf
+    (rows and cols broadcastable as for _visible)."""
+    if ALIBI:
+        s += _alibi(rows, cols, offset, neg_slope, CAUSAL)
+    if MASKED:
+        s = tl.where(_visible(rows, cols, tk, offset, CAUSAL), s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -74,12 +93,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, rows, offs_n, offs_d, start, st
         cols = n0 + offs_n
         k = _load_rows(k_base, cols, tk, offs_d, D, 0.0)
         v = _load_rows(v_base, cols, tk, offs_d, D, 0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * c
-        if ALIBI:
-            s += _alibi(rows[:, None], cols[None, :], offset, neg_slope, CAUSAL)
-        if MASKED:
-            visible = _visible(rows[:, None], cols[None, :], tk, offset, CAUSAL)
-            s = tl.where(visible, s, float("-inf"))
+        s = _biased(tl.dot(q, tl.trans(k), input_precision="ieee") * c, rows[:, None],
+                    cols[None, :], tk, offset, neg_slope, CAUSAL, ALIBI, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         correction = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -111,10 +126,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, NegSlopes, n_head, tq, tk, c, CAUSAL: tl.cons
                                offset, c, neg_slope, CAUSAL, ALIBI, False, D, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, rows, offs_n, offs_d, lo, hi, tk,
                                offset, c, neg_slope, CAUSAL, ALIBI, True, D, BLOCK_N)
-    out = acc / l_i[:, None]
-    mask = (rows[:, None] < tq) & (offs_d[None, :] < D)
-    out_ptrs = Out + bh * tq * D + rows[:, None] * D + offs_d[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+    _store_rows(Out + bh * tq * D, rows, tq, offs_d, D, acc / l_i[:, None])
     tl.store(Lse + bh * tq + rows, m_i + tl.log2(l_i), mask=rows < tq)
 
 
@@ -126,12 +138,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, rows, offs_n, offs_d, start
         cols = n0 + offs_n
         k = _load_rows(k_base, cols, tk, offs_d, D, 0.0)
         v = _load_rows(v_base, cols, tk, offs_d, D, 0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * c - lse[:, None]
-        if ALIBI:
-            s += _alibi(rows[:, None], cols[None, :], offset, neg_slope, CAUSAL)
-        if MASKED:
-            visible = _visible(rows[:, None], cols[None, :], tk, offset, CAUSAL)
-            s = tl.where(visible, s, float("-inf"))
+        s = _biased(tl.dot(q, tl.trans(k), input_precision="ieee") * c - lse[:, None],
+                    rows[:, None], cols[None, :], tk, offset, neg_slope, CAUSAL, ALIBI, MASKED)
         p = tl.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
@@ -161,9 +169,7 @@ def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, NegSlopes, n_head, tq, tk, scale, c,
                    c, neg_slope, CAUSAL, ALIBI, False, D, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, rows, offs_n, offs_d, lo, hi, tk, offset,
                    c, neg_slope, CAUSAL, ALIBI, True, D, BLOCK_N)
-    mask = (rows[:, None] < tq) & (offs_d[None, :] < D)
-    dq_ptrs = DQ + bh * tq * D + rows[:, None] * D + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    _store_rows(DQ + bh * tq * D, rows, tq, offs_d, D, dq * scale)
 
 
 @triton.jit
@@ -178,12 +184,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_
         lse = tl.load(lse_base + rows, mask=rows < tq, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=rows < tq, other=0.0)
         # Transposed tiles (keys x queries), so dK and dV accumulate without transposing them.
-        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * c - lse[None, :]
-        if ALIBI:
-            s_t += _alibi(rows[None, :], cols[:, None], offset, neg_slope, CAUSAL)
-        if MASKED:
-            visible = _visible(rows[None, :], cols[:, None], tk, offset, CAUSAL)
-            s_t = tl.where(visible, s_t, float("-inf"))
+        s_t = _biased(tl.dot(k, tl.trans(q), input_precision="ieee") * c - lse[None, :],
+                      rows[None, :], cols[:, None], tk, offset, neg_slope, CAUSAL, ALIBI, MASKED)
         p_t = tl.exp2(s_t)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
@@ -222,10 +224,8 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, NegSlopes, n_head, tq, tk, sca
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_m, offs_d,
                          mid, tq, tq, tk, offset, c, neg_slope, CAUSAL, ALIBI, False, D,
                          BLOCK_M)
-    mask = (cols[:, None] < tk) & (offs_d[None, :] < D)
-    ptrs = bh * tk * D + cols[:, None] * D + offs_d[None, :]
-    tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    _store_rows(DK + bh * tk * D, cols, tk, offs_d, D, dk * scale)
+    _store_rows(DV + bh * tk * D, cols, tk, offs_d, D, dv)
 
 
 def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, block_q=None,
