@@ -139,8 +139,8 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
               help="Synthetic tasks: held-out examples to score exact match on.")
 @click.option("--attention", is_flag=True,
               help="Also report each layer's and head's attention entropy on one text.")
-@click.option("--text", help="The text for --attention and --attention-map [default: the first "
-                             "block_size tokens of the evaluated text].")
+@click.option("--text", help="The text for --attention and --attention-map (implies --attention) "
+                             "[default: the first block_size tokens of the evaluated text].")
 @click.option("--attention-map", type=click.Path(file_okay=False), metavar="DIR",
               help="Write the text's attention weights as PNG heat maps into DIR, one image per "
                    "layer with its heads side by side (implies --attention; needs attnlm[plot]). "

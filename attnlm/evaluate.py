@@ -57,8 +57,8 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
                  examples=500, attention=False, text=None, attention_map=None):
     """The eval result (a dict) of a loaded run's model on source or its val split: report()'s
     figures; on a synthetic task, exact match on `examples` held-out prompts; with attention (or
-    attention_map, a folder for PNG heat maps), the entropy of each layer's and head's attention
-    on `text` (default: the first block_size tokens of the split)."""
+    attention_map, a folder for PNG heat maps, or text), the entropy of each layer's and head's
+    attention on `text` (default: the first block_size tokens of the split)."""
     block_size = block_size or cfg.model.block_size
     check_context(cfg.model.pos, cfg.model.block_size, block_size)
     split, name = _text_split(cfg, tokenizer, source)
@@ -70,7 +70,7 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
     spec = source or cfg.data.source
     if tasks.is_synthetic(spec):
         result.update(tasks.evaluate(model, tokenizer, spec, examples))
-    if attention or attention_map:
+    if attention or attention_map or text is not None:  # a --text is for the attention report
         ids = split.tokens[:block_size].tolist() if text is None else tokenizer.encode(text)
         if not 0 < len(ids) <= block_size:
             raise InputError(f"--text is {len(ids)} tokens; give 1 to block_size={block_size}")

@@ -98,6 +98,8 @@ def test_eval_reports_entropy_per_layer_and_head(run_dir):
     assert all(0 <= e <= report["max_entropy"] + 1e-6 for heads in report["entropy"] for e in heads)
     text = CliRunner().invoke(cli, ["eval", str(run_dir), "--attention", "--text", "line 1: the"])
     assert "mean over 11 query positions" in text.stdout and "layer 1:" in text.stdout
+    implied = CliRunner().invoke(cli, ["eval", str(run_dir), "--text", "line 1: the"])
+    assert implied.stdout == text.stdout  # a --text is for the attention report: it implies it
 
 
 def test_eval_refuses_a_text_longer_than_the_window(run_dir):
