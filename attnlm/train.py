@@ -215,9 +215,10 @@ def _train(cfg, out, resume, quiet, interrupt, w):
             scaler.load_state_dict(ckpt["scaler"])
         restore_random_state(ckpt["rng"], device, w)
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
+    resumed, ckpt = ckpt is not None, None  # restored: its tensors need not stay in memory
     interrupt.check()  # the last moment at which nothing has been written
     metrics = run.MetricsLog(out)
-    saved = {"step": step if ckpt else None, "config": False}
+    saved = {"step": step if resumed else None, "config": False}
 
     def save():
         # Every rank takes part (FSDP gathers the shards); rank 0 writes.
@@ -235,7 +236,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
             }, t.keep_last)
         saved["step"] = step
 
-    if ckpt:
+    if resumed:
         if w.main:
             metrics.resume(step)
         say(describe_schedule(t, step))
