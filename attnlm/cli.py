@@ -36,6 +36,8 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
     """Train a model; writes config, tokenizer, checkpoint and metrics into the run directory.
 
     Ctrl-C stops after the current step, saves a checkpoint and exits 130; --resume continues.
+    Under torchrun (`torchrun --nproc_per_node=N -m attnlm train ...`) the processes train one
+    model into one run directory: a step takes batch_size x grad_accum x N sequences.
     """
     from attnlm.interrupt import deferred_interrupts
 
