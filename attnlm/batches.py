@@ -18,6 +18,7 @@ class Split:
     tokens: torch.Tensor  # 1-D, memory-mapped, small unsigned integers
     n_bytes: int  # UTF-8 bytes of the text it encodes (for bits per byte)
     starts: torch.Tensor | None = None  # offsets a window may start at; None: any
+    sha256: str = ""  # of the token file, as the token cache verified it
 
     def __len__(self):
         return len(self.tokens)

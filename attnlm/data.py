@@ -39,5 +39,5 @@ def prepare_source(spec, tokenizer, configured_cache="", progress=False):
 def _splits(corpus, tokenizer, ranges, configured_cache, progress):
     encoded = load_or_encode(corpus, tokenizer, ranges, cache_dir(configured_cache), progress)
     starts = tasks.example_starts if tasks.is_synthetic(corpus.spec) else lambda *_: None
-    return {name: Split(tokens, n_bytes, starts(tokens, tokenizer))
-            for name, (tokens, n_bytes) in encoded.items()}
+    return {name: Split(tokens, n_bytes, starts(tokens, tokenizer), sha256)
+            for name, (tokens, n_bytes, sha256) in encoded.items()}

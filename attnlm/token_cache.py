@@ -46,9 +46,10 @@ class Damaged(Exception):
 
 
 def load_or_encode(corpus, tokenizer, ranges, directory, progress=False):
-    """{name: (tokens, n_bytes)} for named byte ranges of the corpus: tokens a memory-mapped 1-D
-    tensor of small unsigned integers, n_bytes the UTF-8 bytes it encodes. With progress, a bar
-    on stderr (where it is a terminal) follows the encoding."""
+    """{name: (tokens, n_bytes, sha256)} for named byte ranges of the corpus: tokens a
+    memory-mapped 1-D tensor of small unsigned integers, n_bytes the UTF-8 bytes it encodes,
+    sha256 the token file's (verified). With progress, a bar on stderr (where it is a terminal)
+    follows the encoding."""
     key = hashlib.sha256(json.dumps(
         [FORMAT, corpus.content_hash(), tokenizer.state(), sorted(ranges.items())],
         sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
@@ -63,8 +64,8 @@ def load_or_encode(corpus, tokenizer, ranges, directory, progress=False):
         meta = None
     if meta is None:
         meta = _encode(corpus, tokenizer, ranges, directory, key, progress)
-    return {name: (_map(_bin(directory, key, name), s["tokens"], meta["dtype"]), s["bytes"])
-            for name, s in meta["splits"].items()}
+    return {name: (_map(_bin(directory, key, name), s["tokens"], meta["dtype"]), s["bytes"],
+                   s["sha256"]) for name, s in meta["splits"].items()}
 
 
 def _bin(directory, key, name):

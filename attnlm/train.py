@@ -3,6 +3,7 @@ checkpoints, exact resume, graceful interruption."""
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attnlm import checkpoint, config as config_mod, distributed, run, tokenizer as tokenizer_mod
+from attnlm import config as config_mod, distributed, run, tokenizer as tokenizer_mod
 from attnlm.attention import check_backend
 from attnlm.data import BatchSampler, need_tokens, prepare_training
 from attnlm.errors import AttnlmError, InputError
@@ -132,7 +133,8 @@ def preflight(cfg, ckpt=None, progress=False, tokenizer=None):
         tokenizer, splits = interrupt.run(prepare_training, cfg, tokenizer, progress=progress)
     need_tokens(splits["train"], "train", m.block_size)
     need_tokens(splits["val"], "val", m.block_size)
-    digest = checkpoint.checksum({name: split.tokens for name, split in splits.items()})
+    digest = hashlib.sha256("".join(f"{name}:{split.sha256};" for name, split in
+                                    sorted(splits.items())).encode()).hexdigest()
     if ckpt and ckpt.get("data_sha256", digest) != digest:
         raise InputError(f"the text of data.source={cfg.data.source!r} changed since this run "
                          "started; resuming would train on other text. Start a new run")
