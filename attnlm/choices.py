@@ -9,6 +9,7 @@ BACKENDS = ("naive", "sdpa", "tiled", "triton")
 DROPOUT_BACKENDS = ("naive", "sdpa")  # those that can drop attention probabilities
 POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
 TOKENIZERS = ("bytes", "chars", "bpe", "unigram", "hf")
+SENTENCEPIECE = ("bpe", "unigram")  # the tokenizers attnlm trains with SentencePiece
 ACTIVATIONS = ("gelu", "gelu_tanh")  # the MLP's GELU: exact, or the tanh approximation (GPT-2)
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several

@@ -302,10 +302,10 @@ def validate(cfg):
         p.append(f"model.attention={m.attention!r} does not support attention dropout "
                  f"(model.attn_dropout={m.attn_dropout}); use {' or '.join(choices.DROPOUT_BACKENDS)}")
     k = cfg.tokenizer
-    if k.kind in ("bpe", "unigram") and not k.model_file:
+    if k.kind in choices.SENTENCEPIECE and not k.model_file:
         _check(p, k.vocab_size >= 260, "tokenizer.vocab_size", k.vocab_size,
                "must be at least 260 (256 byte pieces and 3 special pieces come first)")
-    if k.model_file and k.kind not in ("bpe", "unigram", "hf"):
+    if k.model_file and k.kind not in (*choices.SENTENCEPIECE, "hf"):
         p.append(f"tokenizer.model_file={_show(k.model_file)} needs tokenizer.kind=bpe, unigram "
                  f"or hf (not {k.kind!r})")
     if k.kind == "hf" and not k.model_file:

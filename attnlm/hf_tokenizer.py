@@ -10,6 +10,7 @@ import importlib
 import json
 from pathlib import Path
 
+from attnlm.choices import SENTENCEPIECE
 from attnlm.errors import AttnlmError, InputError
 
 INSTALL = "pip install 'attnlm[hf]'"
@@ -166,7 +167,7 @@ def tokenizer_config(tokenizer, block_size):
     eos_id = getattr(tokenizer, "eos_id", None)
     if eos_id is not None:
         config["eos_token"] = tokenizer.decode([eos_id])
-    if tokenizer.kind in ("bpe", "unigram"):
+    if tokenizer.kind in SENTENCEPIECE:
         # attnlm encodes text that spells a special piece ('</s>') as text: split_special_tokens
         sp = tokenizer.sp
         config |= {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import sentencepiece
 
+from attnlm.choices import SENTENCEPIECE
 from attnlm.errors import InputError
 from attnlm.files import atomic_write
 
@@ -184,10 +185,6 @@ def _sentences(texts):
             yield from (line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE))
 
 
-KINDS = ("bytes", "chars", "bpe", "unigram", "hf")  # hf: attnlm.hf_tokenizer (optional extra)
-SENTENCEPIECE_KINDS = ("bpe", "unigram")
-
-
 def learning_end(kind, train_end, total):
     """Where the text a tokenizer learns from ends: a subword tokenizer learns from the train
     split alone (train_end), so that val is text it has not seen; a character vocabulary covers
@@ -203,9 +200,9 @@ def train_tokenizer(cfg, texts):
         from attnlm.hf_tokenizer import HFTokenizer
 
         return HFTokenizer.from_path(cfg.model_file)
-    if cfg.kind in SENTENCEPIECE_KINDS and cfg.model_file:
+    if cfg.kind in SENTENCEPIECE and cfg.model_file:
         return SentencePieceTokenizer.from_file(cfg.kind, cfg.model_file)
-    if cfg.kind in SENTENCEPIECE_KINDS:
+    if cfg.kind in SENTENCEPIECE:
         return SentencePieceTokenizer.train(cfg.kind, cfg.vocab_size, texts)
     return ByteTokenizer()
 
@@ -216,7 +213,7 @@ def from_state(state):
         return ByteTokenizer()
     if kind == "chars" and isinstance(state.get("chars"), str):
         return CharTokenizer(state["chars"])
-    if kind in SENTENCEPIECE_KINDS and isinstance(state.get("model"), str):
+    if kind in SENTENCEPIECE and isinstance(state.get("model"), str):
         try:
             model = base64.b64decode(state["model"], validate=True)
         except binascii.Error:

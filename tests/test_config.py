@@ -132,12 +132,10 @@ def test_the_registries_hold_exactly_the_names_the_config_accepts():
     from attnlm.attention import BACKENDS
     from attnlm.positional import SCHEMES
     from attnlm.runtime import DTYPES
-    from attnlm.tokenizer import KINDS
 
     assert tuple(BACKENDS) == choices.BACKENDS
     assert tuple(n for n, b in BACKENDS.items() if b.dropout) == choices.DROPOUT_BACKENDS
     assert tuple(SCHEMES) == choices.POSITIONAL
-    assert tuple(KINDS) == choices.TOKENIZERS
     assert tuple(DTYPES) == choices.DTYPES
 
 
