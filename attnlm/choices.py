@@ -7,10 +7,14 @@ import re
 
 BACKENDS = ("naive", "sdpa", "tiled", "triton")
 DROPOUT_BACKENDS = ("naive", "sdpa")  # those that can drop attention probabilities
-POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
+ADDITIVE_BACKENDS = ("naive",)  # those that can score additively (model.score=additive)
+POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 TOKENIZERS = ("bytes", "chars", "bpe", "unigram", "hf")
 SENTENCEPIECE = ("bpe", "unigram")  # the tokenizers attnlm trains with SentencePiece
 ACTIVATIONS = ("gelu", "gelu_tanh")  # the MLP's GELU: exact, or the tanh approximation (GPT-2)
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+SCORES = ("dot", "additive")  # scaled dot product, or Bahdanau's w·tanh(q + k)
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several
 PARALLEL = ("ddp", "fsdp")  # how the processes of a torchrun job share the model

@@ -29,7 +29,20 @@ class ModelConfig:
     pos: str = "learned"  # positional scheme (see attnlm.positional)
     rope_base: float = 10000.0  # pos=rope: pair i of a head turns by base^(-2i/head_dim) a position
     attention: str = "sdpa"  # attention backend (see attnlm.attention)
-    activation: str = "gelu"  # the MLP's: gelu (exact) or gelu_tanh (GPT-2's approximation)
+    activation: str = "gelu"  # mlp=gelu's: gelu (exact) or gelu_tanh (GPT-2's approximation)
+    n_kv_head: int = 0  # key/value heads, each shared by n_head/n_kv_head queries; 0: n_head
+    window: int = 0  # sliding window: a query sees its own and the window-1 positions before; 0: all
+    window_pattern: str = ""  # per layer, repeated: S windowed, L full (SSSL); empty: all S if window
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (learned gains)
+    softcap: float = 0.0  # scores become softcap·tanh(score/softcap); 0: no cap
+    norm: str = "layernorm"  # layernorm or rmsnorm
+    mlp: str = "gelu"  # gelu, swiglu or relu2 (ReLU squared)
+    mlp_hidden: int = 0  # the MLP's hidden width; 0: 4·n_embd, for swiglu 8/3·n_embd (to a multiple of 8)
+    attn_temperature: float = 1.0  # scores are divided by attn_temperature·sqrt(head_dim)
+    score: str = "dot"  # dot (scaled dot product) or additive (Bahdanau: w·tanh(q + k))
+    rel_buckets: int = 32  # pos=relative: learned biases per head, one per bucket of distances
+    rel_max_distance: int = 128  # pos=relative: distances from here on share the last bucket
+    residual_scale: float = 1.0  # each block's attention and MLP outputs are multiplied by this
 
 
 @dataclass
@@ -69,6 +82,8 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     dtype: str = "float32"  # float32, bfloat16 or float16 (autocast on CUDA)
     parallel: str = "ddp"  # under torchrun: ddp (a whole model per process) or fsdp (sharded)
+    compile: bool = False  # torch.compile the model for training and evaluation
+    head_diversity: float = 0.0  # weight of a penalty on heads of a layer whose outputs agree
 
 
 @dataclass
@@ -263,13 +278,15 @@ def validate(cfg):
     for key in (k for k, typ in KEYS.items() if typ is float):
         _check(p, math.isfinite(_value(cfg, key)), key, _value(cfg, key), "must be a finite number")
     positive = ["model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
+                "model.attn_temperature", "model.residual_scale",
                 "train.batch_size", "train.grad_accum", "train.max_iters", "train.eval_interval",
                 "train.log_interval", "sample.num_samples"]
     for key in positive:
         _check(p, _value(cfg, key) > 0, key, _value(cfg, key), "must be positive")
     non_negative = ["train.warmup_iters", "train.lr_decay_iters", "train.eval_iters",
                     "train.keep_last", "train.threads", "train.weight_decay", "train.grad_clip",
-                    "sample.top_k", "sample.max_new_tokens"]
+                    "sample.top_k", "sample.max_new_tokens", "model.n_kv_head", "model.window",
+                    "model.softcap", "model.mlp_hidden", "train.head_diversity"]
     for key in non_negative:
         _check(p, _value(cfg, key) >= 0, key, _value(cfg, key), "must not be negative")
     for key in ("train.seed", "sample.seed"):
@@ -290,6 +307,8 @@ def validate(cfg):
         _check(p, 0 <= value < 1, key, value, "must be in [0, 1)")
     named = [("model.pos", m.pos, choices.POSITIONAL), ("model.attention", m.attention, choices.BACKENDS),
              ("model.activation", m.activation, choices.ACTIVATIONS),
+             ("model.norm", m.norm, choices.NORMS), ("model.mlp", m.mlp, choices.MLPS),
+             ("model.score", m.score, choices.SCORES),
              ("tokenizer.kind", cfg.tokenizer.kind, choices.TOKENIZERS),
              ("train.dtype", t.dtype, choices.DTYPES),
              ("train.parallel", t.parallel, choices.PARALLEL)]
@@ -301,6 +320,7 @@ def validate(cfg):
     if m.attention in choices.BACKENDS and m.attn_dropout > 0 and m.attention not in choices.DROPOUT_BACKENDS:
         p.append(f"model.attention={m.attention!r} does not support attention dropout "
                  f"(model.attn_dropout={m.attn_dropout}); use {' or '.join(choices.DROPOUT_BACKENDS)}")
+    _validate_attention(m, p)
     k = cfg.tokenizer
     if k.kind in choices.SENTENCEPIECE and not k.model_file:
         _check(p, k.vocab_size >= 260, "tokenizer.vocab_size", k.vocab_size,
@@ -313,6 +333,29 @@ def validate(cfg):
                  "directory holding one)")
     _validate_sample(s, p)
     return p
+
+
+def _validate_attention(m, p):
+    """The attention variants' values that cannot work together."""
+    if m.n_kv_head > 0 and m.n_head > 0 and m.n_head % m.n_kv_head:
+        p.append(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}")
+    _check(p, set(m.window_pattern) <= {"S", "L"}, "model.window_pattern", m.window_pattern,
+           "may hold only S (a windowed layer) and L (a full one), as in SSSL")
+    if "S" in m.window_pattern and m.window == 0:
+        p.append(f"model.window_pattern={_show(m.window_pattern)} has windowed layers (S) but "
+                 "model.window is 0; set model.window to their width")
+    if m.activation != "gelu" and m.mlp != "gelu":
+        p.append(f"model.activation={m.activation!r} is a GELU's; it needs model.mlp=gelu, "
+                 f"not {m.mlp!r}")
+    if m.score == "additive" and m.attention in choices.BACKENDS \
+            and m.attention not in choices.ADDITIVE_BACKENDS:
+        p.append(f"model.score=additive runs only with model.attention="
+                 f"{' or '.join(choices.ADDITIVE_BACKENDS)}, not {m.attention!r}")
+    if m.pos == "relative":
+        _check(p, m.rel_buckets >= 2, "model.rel_buckets", m.rel_buckets, "must be at least 2")
+        _check(p, m.rel_max_distance > m.rel_buckets // 2, "model.rel_max_distance",
+               m.rel_max_distance, f"must be greater than half of model.rel_buckets "
+               f"({m.rel_buckets // 2} distances have a bucket each)")
 
 
 def _validate_sample(s, p):

@@ -9,19 +9,7 @@ import math
 
 import torch
 
-from attnlm.attention.masks import alibi_bias, causal_mask
-
-
-def attention_probs(q, k, *, causal, scale, dropout_p=0.0, alibi_slopes=None):
-    """The (B, H, Tq, Tk) probabilities that `attend` weights the values with: a plain softmax of
-    the scaled, masked scores (ALiBi's bias included), in float32. Dropout (training only) is
-    left out."""
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-    if alibi_slopes is not None:
-        scores = scores + alibi_bias(alibi_slopes, q.size(-2), k.size(-2), causal)
-    if causal:
-        scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
-    return torch.softmax(scores, dim=-1)
+from attnlm.attention import naive
 
 
 @contextlib.contextmanager
@@ -35,9 +23,9 @@ def captured_attention(model):
     originals = [layer.attend for layer in layers]
 
     def spying_on(attend):
-        def spy(q, k, v, **kwargs):
-            captured.append(attention_probs(q, k, **kwargs))
-            return attend(q, k, v, **kwargs)
+        def spy(q, k, v, *, dropout_p=0.0, **options):
+            captured.append(naive.probabilities(q.float(), k.float(), **options))  # no dropout
+            return attend(q, k, v, dropout_p=dropout_p, **options)
         return spy
 
     for layer, attend in zip(layers, originals):

@@ -5,6 +5,8 @@
     rope        queries and keys rotated by angles proportional to their position (Su et al. 2021)
     alibi       a per-head penalty linear in the query-key distance, added to the scores
                 (Press et al. 2022)
+    relative    a learned per-head bias for each bucket of query-key distances, added to the
+                scores (T5, Raffel et al. 2020)
     none        nothing: the causal mask alone orders the tokens
 """
 
@@ -20,6 +22,7 @@ SCHEMES = {
     "sinusoidal": "fixed sines and cosines per position, added to the token embeddings",
     "rope": "queries and keys rotated by their position (base model.rope_base)",
     "alibi": "a per-head penalty linear in the query-key distance, added to the scores",
+    "relative": "a learned per-head bias per bucket of query-key distances, added to the scores",
     "none": "no positional information; the causal mask alone orders the tokens",
 }
 

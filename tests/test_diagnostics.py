@@ -22,9 +22,9 @@ def test_entropy_of_uniform_attention_over_T_keys_is_log_T():
 
 def test_equal_scores_give_uniform_attention_over_the_visible_keys():
     q, k = torch.zeros(1, 1, 10, 4), torch.randn(1, 1, 10, 4)
-    full = diagnostics.attention_probs(q, k, causal=False, scale=0.5)
+    full = naive.probabilities(q, k, causal=False, scale=0.5)
     assert diagnostics.entropy(full).squeeze().tolist() == pytest.approx([math.log(10)] * 10)
-    causal = diagnostics.entropy(diagnostics.attention_probs(q, k, causal=True, scale=0.5)).squeeze()
+    causal = diagnostics.entropy(naive.probabilities(q, k, causal=True, scale=0.5)).squeeze()
     assert causal.tolist() == pytest.approx([math.log(i + 1) for i in range(10)])
     by_hand = sum(math.log(i + 1) for i in range(10)) / 10
     assert diagnostics.uniform_causal_entropy(10) == pytest.approx(by_hand)
@@ -34,7 +34,7 @@ def test_equal_scores_give_uniform_attention_over_the_visible_keys():
 def test_probabilities_are_those_the_naive_backend_uses(slopes):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
-    probs = diagnostics.attention_probs(q, k, causal=True, scale=0.3, alibi_slopes=slopes)
+    probs = naive.probabilities(q, k, causal=True, scale=0.3, alibi_slopes=slopes)
     expected = naive.attend(q, k, v, causal=True, scale=0.3, alibi_slopes=slopes)
     assert torch.allclose(probs @ v, expected, atol=1e-6)
     assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 5))
