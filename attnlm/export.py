@@ -76,8 +76,24 @@ def _to_theirs(arch, module, t, n_head):
     return t
 
 
+# Model settings that none of the exported architectures computes, with the value they need.
+PLAIN = {"n_kv_head": (0, "n_head"), "window": (0, "0"), "qk_norm": (False, "false"),
+         "softcap": (0.0, "0"), "norm": ("layernorm", "layernorm"), "mlp": ("gelu", "gelu"),
+         "attn_temperature": (1.0, "1"), "score": ("dot", "dot"), "residual_scale": (1.0, "1")}
+
+
 def architecture(m):
     """'gpt2', 'gpt_neox' or 'mpt' for a ModelConfig, or InputError saying why none is exact."""
+    unusual = [f"model.{key}={getattr(m, key)} (needs {shown})"
+               for key, (plain, shown) in PLAIN.items()
+               if getattr(m, key) != plain and not (key == "n_kv_head" and m.n_kv_head == m.n_head)]
+    if m.pos == "relative":
+        unusual.append("model.pos=relative")
+    if m.mlp_hidden not in (0, 4 * m.n_embd):
+        unusual.append(f"model.mlp_hidden={m.mlp_hidden} (needs {4 * m.n_embd})")
+    if unusual:
+        raise InputError("cannot be exported exactly: GPT-2, GPT-NeoX and MPT have no "
+                         + ", ".join(unusual) + "; refused")
     if m.pos == "alibi" and m.bias:
         raise InputError("model.pos=alibi with model.bias=true cannot be exported exactly: MPT, "
                          "the ALiBi architecture of transformers that computes attnlm's blocks, "

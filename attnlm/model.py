@@ -1,13 +1,48 @@
-"""A causal decoder-only Transformer (GPT): embed, N pre-norm blocks, norm, tied output head."""
+"""A causal decoder-only Transformer (GPT): embed, N pre-norm blocks, norm, tied output head.
+
+The model config chooses among today's variants of each part (see README, "Model shapes"):
+grouped-query attention (n_kv_head), sliding windows per layer (window, window_pattern),
+QK-norm, soft-capped scores, LayerNorm or RMSNorm, and a GELU, SwiGLU or ReLU² MLP.
+"""
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attnlm.attention import get_backend
 from attnlm.kv_cache import KVCache
-from attnlm.positional import Rotary, alibi_slopes, build_absolute
+from attnlm.positional import RelativeBias, Rotary, alibi_slopes, build_absolute
+
+
+RMS_EPS = 1e-6  # RMSNorm's epsilon, as in Llama (torch's default depends on the dtype)
+
+
+def kv_heads(cfg):
+    """Key/value heads per layer: n_kv_head, or n_head when it is 0."""
+    return cfg.n_kv_head or cfg.n_head
+
+
+def layer_windows(cfg):
+    """Each layer's sliding window (0: full causal attention): window_pattern repeated over the
+    layers, S a windowed layer and L a full one; every layer windowed when the pattern is empty."""
+    pattern = cfg.window_pattern or "S"
+    return [cfg.window if pattern[i % len(pattern)] == "S" else 0 for i in range(cfg.n_layer)]
+
+
+def mlp_width(cfg):
+    """The MLP's hidden width: mlp_hidden, else 4·n_embd; SwiGLU's three matrices get 8/3·n_embd
+    (rounded up to a multiple of 8) so that it has the parameters of the two-matrix MLPs."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        return 8 * math.ceil(8 * cfg.n_embd / 3 / 8)
+    return 4 * cfg.n_embd
+
+
+def norm(cfg, dim):
+    return nn.RMSNorm(dim, eps=RMS_EPS) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, bias=cfg.bias)
 
 
 def dropout(p):
@@ -15,57 +50,113 @@ def dropout(p):
     return nn.Dropout(p) if p else nn.Identity()
 
 
+def head_similarity(y):
+    """Mean cosine similarity between the outputs of every pair of heads at the same position,
+    y (B, H, T, D): the sum over pairs is |sum of unit vectors|² - H, so no (H, H) matrix."""
+    heads = y.size(1)
+    if heads < 2:
+        return y.new_zeros(())
+    unit = F.normalize(y.float(), dim=-1).sum(1)
+    return ((unit * unit).sum(-1) - heads).mean() / (heads * (heads - 1))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
-        self.n_head, self.layer = cfg.n_head, layer
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.n_head, self.n_kv_head, self.layer = cfg.n_head, kv_heads(cfg), layer
+        head_dim = cfg.n_embd // cfg.n_head
+        # One product for the queries of every head and the keys and values of the kv heads.
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attend = get_backend(cfg.attention)
         self.attn_dropout = cfg.attn_dropout
-        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
+        self.rotary = Rotary(head_dim, cfg.rope_base) if cfg.pos == "rope" else None
+        self.q_norm = nn.RMSNorm(head_dim, eps=RMS_EPS) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=RMS_EPS) if cfg.qk_norm else None
+        self.relative = (RelativeBias(cfg.n_head, cfg.rel_buckets, cfg.rel_max_distance)
+                         if cfg.pos == "relative" else None)
+        # Additive (Bahdanau) scoring: w_h · tanh(q + k), one w per head.
+        self.additive = (nn.Parameter(torch.randn(cfg.n_head, head_dim) / math.sqrt(head_dim))
+                         if cfg.score == "additive" else None)
+        # The dot product is divided by temperature·sqrt(head_dim), the additive score by the
+        # temperature alone (its tanh is already bounded).
+        root = math.sqrt(head_dim) if cfg.score == "dot" else 1.0
+        self.scale = 1.0 / (cfg.attn_temperature * root)
         slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)  # follows from n_head
+        # The options a backend is given only when set: the default call is today's plain one.
+        window = layer_windows(cfg)[layer]
+        self.options = {key: value for key, value in
+                        (("window", window), ("softcap", cfg.softcap)) if value}
 
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # 3, B, H, T, D
-        q, k, v = qkv
+        heads = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, -1).transpose(1, 2)
+        q, k, v = heads.split((self.n_head, self.n_kv_head, self.n_kv_head), dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             # Before the cache: each key is rotated once, at its absolute position, and kept so.
-            q, k = self.rotary(qkv[:2], pos)  # queries and keys in one pass
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = self.attend(q, k, v, causal=True, scale=1.0 / math.sqrt(q.size(-1)),
-                        dropout_p=self.attn_dropout if self.training else 0.0,
-                        alibi_slopes=self.alibi_slopes)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        options = dict(self.options)
+        if self.alibi_slopes is not None:
+            options["alibi_slopes"] = self.alibi_slopes
+        if self.relative is not None:
+            options["relative"] = self.relative(k.size(2))
+        if self.additive is not None:
+            options["additive"] = self.additive
+        if self.training and self.attn_dropout:
+            options["dropout_p"] = self.attn_dropout
+        y = self.attend(q, k, v, causal=True, scale=self.scale, **options)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), y
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        width = mlp_width(cfg)
+        self.kind = cfg.mlp
+        # SwiGLU's gate and up projections in one product: (x W_gate, x W_up) side by side.
+        self.fc = nn.Linear(cfg.n_embd, 2 * width if cfg.mlp == "swiglu" else width, bias=cfg.bias)
+        self.proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
         # gelu_tanh: GPT-2's tanh approximation, so that an imported GPT-2 computes what it learned
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.proj(h)
 
 
 class Block(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm1 = norm(cfg, cfg.n_embd)
         self.attn = Attention(cfg, layer)
-        self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm2 = norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
         self.drop = dropout(cfg.dropout)
+        self.residual_scale = cfg.residual_scale
 
-    def forward(self, x, cache=None, pos=0):
-        x = x + self.drop(self.attn(self.norm1(x), cache, pos))
-        return x + self.drop(self.mlp(self.norm2(x)))
+    def branch(self, y):
+        y = self.drop(y)
+        return y if self.residual_scale == 1 else y * self.residual_scale
+
+    def forward(self, x, cache=None, pos=0, similarities=None):
+        """similarities: a list to which the heads' mean output similarity is appended."""
+        y, heads = self.attn(self.norm1(x), cache, pos)
+        if similarities is not None:
+            similarities.append(head_similarity(heads))
+        x = x + self.branch(y)
+        return x + self.branch(self.mlp(self.norm2(x)))
 
 
 class GPT(nn.Module):
@@ -76,7 +167,7 @@ class GPT(nn.Module):
         self.pos_emb = build_absolute(cfg.pos, cfg.block_size, cfg.n_embd)
         self.drop = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm = norm(cfg, cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
@@ -98,15 +189,17 @@ class GPT(nn.Module):
     def new_cache(self, batch, max_len):
         c = self.cfg
         w = self.tok_emb.weight
-        return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, w.device, w.dtype)
+        return KVCache(c.n_layer, batch, kv_heads(c), max_len, c.n_embd // c.n_head, w.device, w.dtype)
 
-    def forward(self, idx, targets=None, cache=None, pos=None, last_only=False):
+    def forward(self, idx, targets=None, cache=None, pos=None, last_only=False, head_diversity=0.0):
         """Logits (B, T, vocab) for tokens idx (B, T) and, with targets, the mean cross-entropy.
 
         The tokens sit at positions pos.. (default 0). With a cache they continue it: they are
         at positions cache.length.., their keys and values are stored and the earlier ones
         reused. last_only keeps the last position's logits alone (B, 1, vocab): all that
-        decoding needs, sparing the head's product for the others."""
+        decoding needs, sparing the head's product for the others. head_diversity > 0 adds that
+        weight times the heads' mean output similarity (over layers) to the loss, a penalty on
+        heads that do the same thing."""
         if cache is not None:
             if pos not in (None, cache.length):
                 raise ValueError(f"the cache holds {cache.length} positions; asked to go on at {pos}")
@@ -116,8 +209,9 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos, idx.size(1))
         x = self.drop(x)
+        similarities = [] if head_diversity and targets is not None else None
         for block in self.blocks:
-            x = block(x, cache, pos)
+            x = block(x, cache, pos, similarities)
         if cache is not None:
             cache.advance(idx.size(1))
         if last_only:
@@ -126,4 +220,6 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if similarities:
+            loss = loss + head_diversity * torch.stack(similarities).mean()
         return logits, loss

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from attnlm.attention.masks import relative_buckets
 from attnlm.errors import InputError
 
 SCHEMES = {
@@ -134,6 +135,28 @@ class _Rotate(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return _rotate(grad, cos, -sin), None, None
+
+
+class RelativeBias(nn.Module):
+    """T5's learned relative position bias: per head, one trained bias for each bucket of
+    query-key distances (attention.masks.relative_buckets). It starts at zero, a model without
+    positions, and learns what distances matter; it is defined for any distance, so a model
+    can read past block_size."""
+
+    def __init__(self, n_head, num_buckets, max_distance):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(n_head, num_buckets))
+        self.max_distance = max_distance
+        self._buckets = None  # bucket of each distance, grown on demand like Rotary's tables
+
+    def forward(self, length):
+        """(table, buckets) for the attention backends, buckets covering distances < length."""
+        if self._buckets is None or len(self._buckets) < length \
+                or self._buckets.device != self.table.device:
+            size = max(length, 2 * len(self._buckets) if self._buckets is not None else 0)
+            self._buckets = relative_buckets(size, self.table.size(1), self.max_distance,
+                                             self.table.device)
+        return self.table, self._buckets
 
 
 def alibi_slopes(n_head):

@@ -271,7 +271,8 @@ def _train(cfg, out, resume, quiet, interrupt, w):
                 x, y = sampler.windows_at(mine)
                 with distributed.gradient_sync(trained, i == t.grad_accum - 1):
                     with ready.amp:  # the forward pass alone: backward runs in the forward's dtypes
-                        _, loss = trained(x, y)
+                        # The loss trained on, the head-diversity penalty included (val is without).
+                        _, loss = trained(x, y, head_diversity=t.head_diversity)
                     scaler.scale(loss / t.grad_accum).backward()
                 loss_value += loss.item() / t.grad_accum
             # One collective: the job's mean loss, and whether any rank was asked to stop.
