@@ -1,6 +1,8 @@
 """torch's fused scaled_dot_product_attention: the speed reference.
 
-Grouped-query attention goes through torch's enable_gqa: keys and values are not repeated here.
+Grouped-query attention goes through torch's enable_gqa rather than keys and values repeated
+here: as fast in training and 3 to 5 times faster for a decoding step (8 query heads, 2 or 1 key
+heads, T=1024 and 4096, float32, one thread of an Intel Xeon with AMX).
 A sliding window reaches it as an explicit boolean (Tq, Tk) mask (masks.visible). ALiBi and the
 learned relative bias reach it only as an explicit float mask: an (H, Tq, Tk) tensor of biases
 (-inf where a query may not look), H·Tq·Tk elements in q's dtype, 4 bytes each in float32 (8
