@@ -2,10 +2,13 @@
 
 Queries are taken a block at a time against blocks of keys and values. An online softmax keeps,
 for each query row, the running maximum m and sum l of exp(score - m); when a later key block
-raises the maximum, the sum and the output accumulator are rescaled. Key blocks that no query of
-the block may see (right of the causal diagonal, or left of every row's sliding window) are never
-computed, so a window of W costs T·W, not T²; the mask is applied only to the tiles that cross an
-edge. The forward saves only the output and each row's logsumexp; the backward recomputes every
+raises the maximum, the sum and the output accumulator are rescaled. Key blocks are taken from
+the diagonal leftwards, so the nearest keys set the maximum first, and a later block is
+exponentiated against the maximum so far without looking for its own (lazy rescaling: one pass
+over the tile fewer); only a block whose scores rise far above it is redone the full way. Key
+blocks that no query of the block may see (right of the causal diagonal, or left of every row's
+sliding window) are never computed, so a window of W costs T·W, not T²; the mask is applied only
+to the tiles that cross an edge. The forward saves only the output and each row's logsumexp; the backward recomputes every
 tile's probabilities from the logsumexp (FlashAttention-2, Dao 2023, algorithm 2):
 
     P = exp(S - lse)   dV += Pᵀ dO   dP = dO Vᵀ   dS = P ∘ (dP - rowsum(dO ∘ O))
@@ -42,6 +45,9 @@ LOG2E = math.log2(math.e)
 # A row's running maximum before it has seen a visible key. Finite, unlike -inf, so that a tile in
 # which a row sees nothing (its window starts after the tile) gives exp2(-inf - MIN) = 0, not NaN.
 MIN = torch.finfo(torch.float32).min
+# The largest row sum of exp2(score - running maximum) a tile may reach and still be kept
+# without rescaling (see forward): far from float32's overflow, whatever the values.
+LAZY_LIMIT = 2.0**32
 
 # (query block, key block) per device type. CPU: measured with benchmarks/attention.py --backends
 # sdpa,tiled@QxK (B=1, H=8, D=64, float32, one thread, T from 1024 to 8192): 256x256 was the best
@@ -221,13 +227,31 @@ def forward(q, k, v, tiles):
         acc = _buffer(acc_buf, n, r1 - r0, d).zero_()
         m = torch.full((n, r1 - r0, 1), MIN, device=q.device)
         l = torch.zeros(n, r1 - r0, 1, device=q.device)
-        first, end = tiles.keys(i0, i1)
-        for j0 in range(first, end, spec.block_k):
-            j1 = min(j0 + spec.block_k, end)
+
+        def scores(j0, j1):
+            """The tile's scores in base 2: capped, biased and masked."""
             s = torch.bmm(qi, k[:, j0:j1].transpose(1, 2), out=_buffer(s_buf, n, r1 - r0, j1 - j0))
             if spec.softcap:
                 s.tanh_().mul_(spec.softcap * LOG2E)
             tiles.add_bias(s, i0, j0)
+            return s
+
+        first, end = tiles.keys(i0, i1)
+        # From the diagonal leftwards: the nearest keys, which usually score highest (and always
+        # do under ALiBi), set each row's maximum first, so later tiles rarely raise it.
+        for j1 in range(end, first, -spec.block_k):
+            j0 = max(first, j1 - spec.block_k)
+            s = scores(j0, j1)
+            if j1 < end:
+                # Lazy rescaling: exponentiate against the maximum so far, and keep the tile if
+                # no row's sum exceeds LAZY_LIMIT (no score rose far above the maximum: nothing
+                # overflows, and a stale maximum costs no precision in float32); else redo it.
+                row_sums = s.sub_(m).exp2_().sum(dim=-1, keepdim=True)
+                if row_sums.max() <= LAZY_LIMIT:
+                    l.add_(row_sums)
+                    acc.baddbmm_(s, v[:, j0:j1])
+                    continue
+                s = scores(j0, j1)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             correction = torch.exp2(m - m_new)
             s.sub_(m_new).exp2_()
