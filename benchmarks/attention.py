@@ -2,11 +2,15 @@
 
 Shape: B=1, H=8, head dim 64 (--head-dim), float32 (--dtype), causal; forward alone (under no_grad, as in evaluation and
 generation) and forward+backward (the gradients of q, k and v from a random output gradient).
-Backends: naive, sdpa and tiled; triton too on CUDA.
+Backends: naive, sdpa and tiled; triton too on CUDA. A backend may carry attention options:
+`tiled:window=256` (a sliding window), `tiled:kv_heads=2` (grouped-query: 2 key/value heads for
+the 8 query heads), both as `tiled:window=256+kv_heads=2`; `tiled@QxK` sets tiled's blocks.
+Window against full attention at long T, for instance:
+    python benchmarks/attention.py --backends tiled,tiled:window=256 --lengths 2048,4096
 
 Time: the best of --reps runs after one warm-up, the backends interleaved rep by rep so that
-drift on a shared machine hits them alike; each line gives the time as a ratio to sdpa's and to
-naive's, measured in the same process.
+drift on a shared machine hits them alike; each line gives the time as a ratio to that of each plain
+registered backend in the run (naive, sdpa, tiled), measured in the same process.
 
 Memory: the extra peak memory of one run, each (backend, length, mode) in a fresh child process,
 so that no allocator cache or earlier peak from another backend hides or inflates it. On the CPU
@@ -36,7 +40,7 @@ from common import emit  # noqa: E402
 
 import torch  # noqa: E402
 
-from attnlm.attention import get_backend, tiled  # noqa: E402
+from attnlm.attention import BACKENDS, get_backend, tiled  # noqa: E402
 
 B, H = 1, 8
 D, DTYPE = 64, torch.float32  # --head-dim, --dtype
@@ -44,31 +48,37 @@ MODES = ("forward", "forward+backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_inputs(t, device, grad):
-    q, k, v = (torch.randn(B, H, t, D, device=device, dtype=DTYPE, requires_grad=grad)
-               for _ in range(3))
-    return q, k, v, torch.randn(B, H, t, D, device=device, dtype=DTYPE)
+def make_inputs(t, device, grad, kv_heads=H):
+    q, grad_out = (torch.randn(B, H, t, D, device=device, dtype=DTYPE) for _ in range(2))
+    k, v = (torch.randn(B, kv_heads, t, D, device=device, dtype=DTYPE) for _ in range(2))
+    return *(x.requires_grad_(grad) for x in (q, k, v)), grad_out
 
 
-def backend(name):
-    """A registered backend, or tiled with given blocks: "tiled@QxK" (e.g. tiled@128x256)."""
+def backend(spec):
+    """(attend, its attention options, key/value heads) from "NAME[@QxK][:key=value+...]": a
+    registered backend, or tiled with given blocks (tiled@128x256), with options window=N and
+    kv_heads=N (e.g. tiled:window=256+kv_heads=2)."""
+    name, _, options = spec.partition(":")
+    options = dict(o.split("=") for o in options.split("+")) if options else {}
+    kv_heads = int(options.pop("kv_heads", H))
+    options = {key: int(value) for key, value in options.items()}
     if name.startswith("tiled@"):
         block_q, block_k = (int(b) for b in name.removeprefix("tiled@").split("x"))
-        return functools.partial(tiled.attend, block_q=block_q, block_k=block_k)
-    return get_backend(name)
+        return functools.partial(tiled.attend, block_q=block_q, block_k=block_k), options, kv_heads
+    return get_backend(name), options, kv_heads
 
 
-def step(name, inputs, mode):
-    """One run of backend `name`: a function of no arguments."""
-    attend = backend(name)
-    q, k, v, grad_out = inputs
+def step(spec, t, device, mode):
+    """One run of backend `spec` on fresh inputs of length t: a function of no arguments."""
+    attend, options, kv_heads = backend(spec)
+    q, k, v, grad_out = make_inputs(t, device, mode != "forward", kv_heads)
 
     def forward():
         with torch.no_grad():
-            attend(q, k, v, causal=True, scale=D**-0.5)
+            attend(q, k, v, causal=True, scale=D**-0.5, **options)
 
     def forward_backward():
-        out = attend(q, k, v, causal=True, scale=D**-0.5)
+        out = attend(q, k, v, causal=True, scale=D**-0.5, **options)
         torch.autograd.grad(out, (q, k, v), grad_out)
 
     return forward if mode == "forward" else forward_backward
@@ -81,8 +91,7 @@ def sync(device):
 
 def best_times(names, t, mode, device, reps):
     """Best seconds of `reps` runs for each backend, interleaved."""
-    inputs = make_inputs(t, device, grad=mode != "forward")
-    runs = {name: step(name, inputs, mode) for name in names}
+    runs = {name: step(name, t, device, mode) for name in names}
     best = {name: float("inf") for name in names}
     for rep in range(reps + 1):  # rep 0 warms up
         for name, run in runs.items():
@@ -102,8 +111,8 @@ def _proc_kb(key):
 
 def child_memory(name, t, mode, device):
     """Bytes of extra peak memory of one run (called in a fresh process)."""
-    step(name, make_inputs(64, device, mode != "forward"), mode)()
-    run = step(name, make_inputs(t, device, mode != "forward"), mode)
+    step(name, 64, device, mode)()
+    run = step(name, t, device, mode)
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -119,7 +128,7 @@ def child_memory(name, t, mode, device):
 
 
 def extra_memory(name, t, mode, device, threads):
-    command = [sys.executable, __file__, "--child", f"{name},{t},{mode}", "--device", device,
+    command = [sys.executable, __file__, "--child", f"{name};{t};{mode}", "--device", device,
                "--threads", str(threads), "--head-dim", str(D), "--dtype", str(DTYPE).split(".")[1]]
     return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
@@ -152,7 +161,8 @@ def main():
                         help="comma-separated sequence lengths")
     parser.add_argument("--backends", default=None,
                         help="comma-separated (default: naive,sdpa,tiled, and triton on CUDA); "
-                        "tiled@QxK is tiled with query blocks of Q and key blocks of K")
+                        "tiled@QxK is tiled with query blocks of Q and key blocks of K; "
+                        "NAME:window=N+kv_heads=N adds attention options (see above)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,13 +170,13 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="time only (each memory figure costs a fresh process)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # name,T,mode: measure memory
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # name;T;mode: measure memory
     args = parser.parse_args()
     global D, DTYPE
     D, DTYPE = args.head_dim, DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     if args.child:
-        name, t, mode = args.child.split(",")
+        name, t, mode = args.child.split(";")
         print(child_memory(name, int(t), mode, args.device))
         return
 
@@ -183,8 +193,8 @@ def main():
                 if args.memory:
                     row["extra_mb"] = round(extra_memory(name, t, mode, args.device,
                                                          args.threads) / 2**20, 1)
-                for ref in ("sdpa", "naive"):
-                    if ref in best:
+                for ref in names:
+                    if ref in BACKENDS:
                         row[f"vs_{ref}"] = round(best[name] / best[ref], 3)
                 rows.append(row)
                 emit(**row, B=B, H=H, D=D, dtype=args.dtype, device=args.device)

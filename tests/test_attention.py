@@ -84,13 +84,27 @@ def test_alibi_with_steep_slopes_masks_far_keys_in_tiled_as_in_naive():
                  run(naive.attend, q, k, v, g, causal=True, alibi_slopes=slopes))
 
 
-def test_tiled_rescales_when_the_maximum_grows():
-    # Large, growing scores: later key blocks raise each row's maximum, so the online softmax
-    # must rescale what it has accumulated (an error there shows in every output).
+@pytest.mark.parametrize("direction", ["growing", "falling"])
+def test_tiled_rescales_when_the_maximum_grows(direction):
+    # Large scores growing along the keys one way or the other: tiled takes key blocks from the
+    # diagonal leftwards, so with falling scores the first block sets each row's maximum, and
+    # with growing ones later blocks raise it far above, beyond what lazy rescaling may keep,
+    # and must be redone and rescaled (an error there shows in every output).
     q, k, v, g = qkv(96, 96)
-    k = k * torch.linspace(0.5, 4.0, 96).view(1, 1, 96, 1)
+    gain = torch.linspace(0.5, 4.0, 96) if direction == "falling" else torch.linspace(4.0, 0.5, 96)
+    k = k * gain.view(1, 1, 96, 1)
     got = run(tiled.attend, q * 4, k, v, g, causal=True, block_q=32, block_k=16)
     assert_agree(got, run(naive.attend, q * 4, k, v, g, causal=True), tol=1e-4)
+
+
+def test_tiled_redoes_tiles_whose_scores_rise_far_above_the_maximum():
+    # Negative ALiBi slopes: each key block further left scores 16·4 = 64 higher (in natural
+    # units) than the one before, so every block overflows the lazy rescaling's limit.
+    q, k, v, g = qkv(100, 100)
+    slopes = torch.tensor([-4.0, -1.0, 0.01])
+    assert_agree(run(tiled.attend, q, k, v, g, causal=True, alibi_slopes=slopes, block_q=16,
+                     block_k=16),
+                 run(naive.attend, q, k, v, g, causal=True, alibi_slopes=slopes), tol=1e-4)
 
 
 def test_tiled_takes_strided_inputs_as_the_model_gives_them():

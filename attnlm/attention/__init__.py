@@ -1,12 +1,17 @@
-"""Attention backends behind one signature.
+"""Attention backends behind one signature (attention/naive.py defines every option).
 
-    attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None) -> out
+    attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0, softcap=0.0,
+           relative=None, additive=None) -> out
 
-q is (B, H, Tq, D); k and v are (B, H, Tk, D) with Tk >= Tq. With `causal`, query i sits at
+q is (B, H, Tq, D); k and v are (B, Hk, Tk, D) with Tk >= Tq and Hk dividing H (grouped-query
+attention: query head h reads key/value head h // (H/Hk)). With `causal`, query i sits at
 absolute position Tk - Tq + i and sees the keys up to that position, so the same call serves
-training (Tq == Tk), prompt prefill and cached decoding (Tq < Tk). alibi_slopes, an (H,) tensor,
-adds ALiBi's bias -slope·(query position - key position) to the scores (the absolute distance
-without `causal`; see masks.alibi_bias). Every backend supports it.
+training (Tq == Tk), prompt prefill and cached decoding (Tq < Tk). window > 0 keeps only the last
+`window` of those keys; softcap > 0 turns each score s into softcap·tanh(s/softcap); alibi_slopes
+(H,) adds ALiBi's bias and relative = (table, buckets) the learned relative bias (masks.py).
+Every backend supports all of these; `additive` (Bahdanau's scores) only naive, dropout naive
+and sdpa. tiled and triton compute masks, biases and the cap inside their tiles; sdpa takes masks
+and biases as an explicit (H, Tq, Tk) mask and computes capped scores as naive does (sdpa.py).
 """
 
 import importlib.util
@@ -28,12 +33,13 @@ def _triton_attend(*args, **kwargs):
 class Backend:
     attend: Callable
     dropout: bool  # supports dropout on the attention probabilities
+    additive: bool = False  # supports additive scores (model.score=additive)
     cuda_only: bool = False
     package: str = ""  # an optional package it needs
 
 
 BACKENDS = {
-    "naive": Backend(naive.attend, dropout=True),
+    "naive": Backend(naive.attend, dropout=True, additive=True),
     "sdpa": Backend(sdpa.attend, dropout=True),
     "tiled": Backend(tiled.attend, dropout=False),
     "triton": Backend(_triton_attend, dropout=False, cuda_only=True, package="triton"),

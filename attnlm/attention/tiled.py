@@ -2,32 +2,52 @@
 
 Queries are taken a block at a time against blocks of keys and values. An online softmax keeps,
 for each query row, the running maximum m and sum l of exp(score - m); when a later key block
-raises the maximum, the sum and the output accumulator are rescaled. Key blocks wholly right of
-the causal diagonal are never computed and the mask is applied only to the tiles that cross it.
-The forward saves only the output and each row's logsumexp; the backward recomputes every tile's
-probabilities from the logsumexp (FlashAttention-2, Dao 2023, algorithm 2):
+raises the maximum, the sum and the output accumulator are rescaled. Key blocks are taken from
+the diagonal leftwards, so the nearest keys set the maximum first, and a later block is
+exponentiated against the maximum so far without looking for its own (lazy rescaling: one pass
+over the tile fewer); only a block whose scores rise far above it is redone the full way. Key
+blocks that no query of the block may see (right of the causal diagonal, or left of every row's
+sliding window) are never computed, so a window of W costs T·W, not T²; the mask is applied only
+to the tiles that cross an edge. The forward saves only the output and each row's logsumexp; the backward recomputes every
+tile's probabilities from the logsumexp (FlashAttention-2, Dao 2023, algorithm 2):
 
     P = exp(S - lse)   dV += Pᵀ dO   dP = dO Vᵀ   dS = P ∘ (dP - rowsum(dO ∘ O))
     dQ += dS K · scale   dK += dSᵀ Q · scale
 
+Grouped-query attention: the G query heads that share a key/value head are laid out as the rows
+of one (B·Hk, Tq·G, D) tensor, position-major (row r is position r // G of head group r % G), so
+that a query block is a plain slice and every key/value tile is read once for all G heads; keys
+and values are never repeated. Masks and biases are (rows, 1, cols) or (Hk, rows, G, cols)
+tensors broadcast over that layout.
+
+Soft-capping, cap·tanh(s/cap), is applied to each tile before the biases; the backward multiplies
+dS by its derivative 1 - tanh² on the way to dQ and dK. ALiBi's bias, -slope·(query position -
+key position), and the learned relative bias, table[:, bucket(distance)], are added to each tile
+from a (block_q, block_k) template of row-minus-column offsets made once per call: no Tq x Tk
+tensor is ever built. The relative table's gradient is dS summed by bucket (over the batch and the
+tile) into an (H, buckets) tensor.
+
 On the CPU what costs time is the number of passes over each tile and Python's overhead per
-operation, so every step is one batched matmul over all B·H heads into preallocated buffers, the
+operation, so every step is one batched matmul over all B·Hk heads into preallocated buffers, the
 elementwise steps run in place, and the blocks are large. Scores are kept in base 2 (the scale is
 multiplied by log2(e)) because torch's exp2 is about three times faster than exp on the CPU.
 Everything is computed in float32 whatever the input dtype.
-
-ALiBi's bias, -slope·(query position - key position), is added to each tile as it is computed,
-from a (block_q, block_k) template of row-minus-column offsets made once per call: no Tq x Tk
-tensor is ever built.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from attnlm.attention import naive
+from attnlm.attention.masks import alibi_bias, relative_bias
 
 LOG2E = math.log2(math.e)
+# A row's running maximum before it has seen a visible key. Finite, unlike -inf, so that a tile in
+# which a row sees nothing (its window starts after the tile) gives exp2(-inf - MIN) = 0, not NaN.
+MIN = torch.finfo(torch.float32).min
+# The largest row sum of exp2(score - running maximum) a tile may reach and still be kept
+# without rescaling (see forward): far from float32's overflow, whatever the values.
+LAZY_LIMIT = 2.0**32
 
 # (query block, key block) per device type. CPU: measured with benchmarks/attention.py --backends
 # sdpa,tiled@QxK (B=1, H=8, D=64, float32, one thread, T from 1024 to 8192): 256x256 was the best
@@ -37,22 +57,74 @@ LOG2E = math.log2(math.e)
 DEFAULT_BLOCKS = {"cpu": (256, 256), "cuda": (128, 128)}
 
 
-def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, block_q=None,
-           block_k=None):
+def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0, softcap=0.0,
+           relative=None, additive=None, block_q=None, block_k=None):
     if dropout_p:
         raise ValueError("the tiled attention backend does not support attention dropout")
+    if additive is not None:
+        raise ValueError("the tiled attention backend scores by dot product only; additive "
+                         "scores need the naive backend")
+    if window and not causal:
+        raise ValueError("a sliding window needs causal attention")
     if q.size(-2) == 1:
-        # One query, as in each cached decoding step: its scores are a single row, already linear
-        # in T, and tiling it would only add passes over the keys.
-        return naive.attend(q, k, v, causal=causal, scale=scale, alibi_slopes=alibi_slopes)
+        return _one_query(q, k, v, causal=causal, scale=scale, alibi_slopes=alibi_slopes,
+                          window=window, softcap=softcap, relative=relative)
     default_q, default_k = DEFAULT_BLOCKS.get(q.device.type, DEFAULT_BLOCKS["cpu"])
-    return TiledAttention.apply(q, k, v, causal, scale, alibi_slopes, block_q or default_q,
-                                block_k or default_k)
+    spec = Spec(causal, scale, window, softcap, block_q or default_q, block_k or default_k)
+    table, buckets = relative if relative is not None else (None, None)
+    return TiledAttention.apply(q, k, v, alibi_slopes, table, buckets, spec)
+
+
+def _one_query(q, k, v, *, causal, scale, alibi_slopes, window, softcap, relative):
+    """One query per head, as in each cached decoding step: its scores are a single row, already
+    linear in T, and tiling it would only add passes over the keys. The query sits at the last
+    position, so it sees every key (none but its window's is read); the G query heads sharing a
+    key/value head are taken as G rows against it, so keys and values are not repeated."""
+    b, h, _, d = q.shape
+    hk, tk = k.size(1), k.size(2)
+    first = max(0, tk - window) if window else 0
+    s = (q.view(b, hk, h // hk, d) @ k[:, :, first:].transpose(-2, -1)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, 1, tk, causal)[..., first:].view(hk, h // hk, -1).to(s.dtype)
+    if relative is not None:
+        s = s + relative_bias(relative, 1, tk, causal)[..., first:].view(hk, h // hk, -1).to(s.dtype)
+    return (torch.softmax(s, dim=-1) @ v[:, :, first:]).view(b, h, 1, d)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The options of one call that shape its tiles."""
+    causal: bool
+    scale: float
+    window: int
+    softcap: float
+    block_q: int
+    block_k: int
 
 
 def _flat(x):
     """(B, H, T, D) of any float dtype -> contiguous float32 (B·H, T, D), copied only if needed."""
     return x.reshape(-1, x.size(-2), x.size(-1)).float().contiguous()
+
+
+def _rows(x, kv_heads):
+    """(B, H, T, D) queries (or their gradient) -> float32 (B·Hk, T·G, D): the G = H/Hk query
+    heads of each key/value head as rows, position-major. A view when G = 1."""
+    b, h, t, d = x.shape
+    group = h // kv_heads
+    x = x.reshape(b, kv_heads, group, t, d).transpose(2, 3)
+    return x.reshape(b * kv_heads, t * group, d).float().contiguous()
+
+
+def _unrows(x, batch, heads):
+    """The inverse of _rows: (B·Hk, T·G, D) -> (B, H, T, D)."""
+    n, rows, d = x.shape
+    kv_heads = n // batch
+    group = heads // kv_heads
+    x = x.view(batch, kv_heads, rows // group, group, d).transpose(2, 3)
+    return x.reshape(batch, heads, rows // group, d)
 
 
 def _buffer(flat, *shape):
@@ -61,143 +133,208 @@ def _buffer(flat, *shape):
     return flat[: math.prod(shape)].view(shape)
 
 
-def _mask_tile(s, i0, j0, offset):
-    """Set to -inf the scores in tile s (rows from query i0, columns from key j0) whose key lies
-    after the query's absolute position offset + i: column j is masked in row i when
-    j - i > offset + i0 - j0. Adding one (rows, cols) bias is cheaper than masked_fill over B·H."""
-    bias = torch.full(s.shape[1:], float("-inf"), device=s.device)
-    s.add_(bias.triu_(offset + i0 - j0 + 1))
+class Tiles:
+    """Which tiles of the (Tq, Tk) scores are computed, and what is added to a tile's scores
+    besides q·k: ALiBi's and the learned relative bias (in base 2, like the scores) and -inf
+    where the causal mask or the window hides a key. A tile is named by its first query position
+    i0 and first key j0; its rows are the G query heads of each key/value head (see _rows)."""
 
-
-class _Alibi:
-    """ALiBi's bias for the tiles: -slope·(query position - key position) (its absolute value
-    without `causal`), in base 2 like the scores. Row n of the flattened (B·H, T, D) inputs is head
-    n % H."""
-
-    def __init__(self, slopes, batch, block_q, block_k, causal, device):
-        self.neg_slopes = (slopes.float() * -LOG2E).repeat(batch).view(-1, 1, 1)
+    def __init__(self, spec, batch, heads, kv_heads, tq, tk, slopes, table, buckets, device):
+        self.spec = spec
+        self.batch, self.heads, self.kv_heads = batch, heads, kv_heads
+        self.group = heads // kv_heads
+        self.tq, self.tk = tq, tk
+        self.offset = tk - tq  # query i sits at absolute position offset + i
         # Row minus column in a whole tile; a tile's distances are these plus one offset.
-        self.rel = (torch.arange(block_q, device=device).unsqueeze(1)
-                    - torch.arange(block_k, device=device)).float()
-        self.dist_buf = torch.empty(block_q * block_k, device=device)
-        self.causal = causal
+        self.rel = (torch.arange(spec.block_q, device=device).unsqueeze(1)
+                    - torch.arange(spec.block_k, device=device))
+        self.neg_slopes = None
+        if slopes is not None:
+            self.neg_slopes = (slopes.float() * -LOG2E).view(kv_heads, 1, self.group, 1)
+        self.table = None if table is None else table.detach().float() * LOG2E
+        self.buckets = buckets
 
-    def add_to(self, s, i0, j0, offset):
-        """Add the bias to tile s, whose rows are queries from i0 (at absolute positions from
-        offset + i0) and whose columns are keys from j0."""
-        rows, cols = s.shape[1:]
-        dist = torch.add(self.rel[:rows, :cols], offset + i0 - j0,
-                         out=_buffer(self.dist_buf, rows, cols))
-        if not self.causal:
-            dist.abs_()
-        s.addcmul_(self.neg_slopes, dist)
+    def keys(self, i0, i1):
+        """The keys that queries i0 .. i1-1 see, as a range."""
+        s = self.spec
+        first = max(0, self.offset + i0 - s.window + 1) if s.window else 0
+        return first, min(self.tk, self.offset + i1) if s.causal else self.tk
+
+    def queries(self, j0, j1):
+        """The queries that see some of keys j0 .. j1-1, as a range (possibly empty)."""
+        s = self.spec
+        first = max(0, j0 - self.offset) if s.causal else 0
+        return first, min(self.tq, j1 + s.window - 1 - self.offset) if s.window else self.tq
+
+    def _distances(self, rows, cols, i0, j0):
+        """(rows, cols) query position minus key position in the tile."""
+        return self.rel[:rows, :cols] + (self.offset + i0 - j0)
+
+    def _bucket_of(self, dist):
+        dist = dist.clamp(min=0) if self.spec.causal else dist.abs()  # the rest is masked
+        return self.buckets[dist]
+
+    def add_bias(self, s, i0, j0):
+        """Add the biases and the mask to the (B·Hk, rows·G, cols) scores s of tile (i0, j0)."""
+        rows, cols = s.size(1) // self.group, s.size(2)
+        spec, d0 = self.spec, self.offset + i0 - j0
+        by_head = s.view(self.batch, self.kv_heads, rows, self.group, cols)
+        if self.neg_slopes is not None or self.table is not None:
+            dist = self._distances(rows, cols, i0, j0)
+            if self.neg_slopes is not None:
+                alibi = dist if spec.causal else dist.abs()
+                by_head.addcmul_(self.neg_slopes, alibi.view(rows, 1, cols).float())
+            if self.table is not None:
+                bias = self.table[:, self._bucket_of(dist)]  # (H, rows, cols)
+                by_head.add_(bias.view(self.kv_heads, self.group, rows, cols).transpose(1, 2))
+        # Some key after a query's position, or some key left of its window.
+        late = spec.causal and j0 + cols - 1 > self.offset + i0
+        early = spec.window and d0 + rows - 1 >= spec.window
+        if late or early:
+            mask = torch.full((rows, cols), float("-inf"), device=s.device).triu_(d0 + 1)
+            if early:
+                mask.add_(torch.full((rows, cols), float("-inf"), device=s.device)
+                          .tril_(d0 - spec.window))
+            by_head.add_(mask.view(rows, 1, cols))
+
+    def add_table_grad(self, grad, ds, i0, j0):
+        """Add to the relative table's gradient grad (H, buckets) the tile's dS, summed over the
+        batch and by bucket."""
+        rows, cols = ds.size(1) // self.group, ds.size(2)
+        per_head = ds.view(self.batch, self.kv_heads, rows, self.group, cols).sum(0)
+        per_head = per_head.transpose(1, 2).reshape(self.heads, rows * cols)
+        buckets = self._bucket_of(self._distances(rows, cols, i0, j0))
+        grad.index_add_(1, buckets.flatten(), per_head)
 
 
-def _crosses_diagonal(i0, j1, offset):
-    """Whether some key before j1 lies after query i0's absolute position (the tile needs the
-    mask; every later query in the block sees further)."""
-    return j1 - 1 > offset + i0
-
-
-def forward(q, k, v, causal, scale, block_q, block_k, alibi=None):
-    """q (N, Tq, D), k and v (N, Tk, D), all contiguous float32; alibi an _Alibi or None.
-    Returns the output (N, Tq, D) and each row's logsumexp of the scores in base 2, (N, Tq)."""
-    n, tq, d = q.shape
-    tk = k.size(1)
-    offset = tk - tq  # query i sits at absolute position offset + i
-    c = scale * LOG2E
+def forward(q, k, v, tiles):
+    """q (N, Tq·G, D), k and v (N, Tk, D), all contiguous float32, N = B·Hk. Returns the output
+    (N, Tq·G, D) and each row's logsumexp of the scores in base 2, (N, Tq·G)."""
+    spec, g = tiles.spec, tiles.group
+    n, _, d = q.shape
+    block_rows = spec.block_q * g
+    # With a cap the scores are cap·tanh(scale·q·k / cap): the scale goes into tanh's argument.
+    c = spec.scale / spec.softcap if spec.softcap else spec.scale * LOG2E
     out = torch.empty_like(q)
-    lse = torch.empty(n, tq, device=q.device)
-    q_buf = torch.empty(n * block_q * d, device=q.device)
-    acc_buf = torch.empty(n * block_q * d, device=q.device)
-    s_buf = torch.empty(n * block_q * block_k, device=q.device)
-    for i0 in range(0, tq, block_q):
-        i1 = min(i0 + block_q, tq)
-        rows = i1 - i0
-        qi = torch.mul(q[:, i0:i1], c, out=_buffer(q_buf, n, rows, d))
-        acc = _buffer(acc_buf, n, rows, d).zero_()
-        m = torch.full((n, rows, 1), float("-inf"), device=q.device)
-        l = torch.zeros(n, rows, 1, device=q.device)
-        # Blocks from key 0 upwards: every row sees key 0, so its first maximum is finite.
-        k_end = min(tk, offset + i1) if causal else tk
-        for j0 in range(0, k_end, block_k):
-            j1 = min(j0 + block_k, k_end)
-            s = torch.bmm(qi, k[:, j0:j1].transpose(1, 2), out=_buffer(s_buf, n, rows, j1 - j0))
-            if alibi is not None:
-                alibi.add_to(s, i0, j0, offset)
-            if causal and _crosses_diagonal(i0, j1, offset):
-                _mask_tile(s, i0, j0, offset)
+    lse = torch.empty(n, q.size(1), device=q.device)
+    q_buf = torch.empty(n * block_rows * d, device=q.device)
+    acc_buf = torch.empty(n * block_rows * d, device=q.device)
+    s_buf = torch.empty(n * block_rows * spec.block_k, device=q.device)
+    for i0 in range(0, tiles.tq, spec.block_q):
+        i1 = min(i0 + spec.block_q, tiles.tq)
+        r0, r1 = i0 * g, i1 * g
+        qi = torch.mul(q[:, r0:r1], c, out=_buffer(q_buf, n, r1 - r0, d))
+        acc = _buffer(acc_buf, n, r1 - r0, d).zero_()
+        m = torch.full((n, r1 - r0, 1), MIN, device=q.device)
+        l = torch.zeros(n, r1 - r0, 1, device=q.device)
+
+        def scores(j0, j1):
+            """The tile's scores in base 2: capped, biased and masked."""
+            s = torch.bmm(qi, k[:, j0:j1].transpose(1, 2), out=_buffer(s_buf, n, r1 - r0, j1 - j0))
+            if spec.softcap:
+                s.tanh_().mul_(spec.softcap * LOG2E)
+            tiles.add_bias(s, i0, j0)
+            return s
+
+        first, end = tiles.keys(i0, i1)
+        # From the diagonal leftwards: the nearest keys, which usually score highest (and always
+        # do under ALiBi), set each row's maximum first, so later tiles rarely raise it.
+        for j1 in range(end, first, -spec.block_k):
+            j0 = max(first, j1 - spec.block_k)
+            s = scores(j0, j1)
+            if j1 < end:
+                # Lazy rescaling: exponentiate against the maximum so far, and keep the tile if
+                # no row's sum exceeds LAZY_LIMIT (no score rose far above the maximum: nothing
+                # overflows, and a stale maximum costs no precision in float32); else redo it.
+                row_sums = s.sub_(m).exp2_().sum(dim=-1, keepdim=True)
+                if row_sums.max() <= LAZY_LIMIT:
+                    l.add_(row_sums)
+                    acc.baddbmm_(s, v[:, j0:j1])
+                    continue
+                s = scores(j0, j1)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             correction = torch.exp2(m - m_new)
             s.sub_(m_new).exp2_()
             l.mul_(correction).add_(s.sum(dim=-1, keepdim=True))
             acc.mul_(correction).baddbmm_(s, v[:, j0:j1])
             m = m_new
-        torch.div(acc, l, out=out[:, i0:i1])
-        torch.add(m.squeeze(-1), l.squeeze(-1).log2(), out=lse[:, i0:i1])
+        torch.div(acc, l, out=out[:, r0:r1])
+        torch.add(m.squeeze(-1), l.squeeze(-1).log2(), out=lse[:, r0:r1])
     return out, lse
 
 
-def backward(q, k, v, out, lse, grad_out, causal, scale, block_q, block_k, alibi=None):
-    """Gradients of q, k and v (all (N, T, D) float32) given the forward's output and lse.
-    Outer loop over key blocks (their dK and dV stay in one buffer), inner over query blocks."""
-    n, tq, d = q.shape
-    tk = k.size(1)
-    offset = tk - tq
-    c = scale * LOG2E
-    delta = (grad_out * out).sum(dim=-1, keepdim=True)  # rowsum(dO ∘ O), (N, Tq, 1)
+def backward(q, k, v, out, lse, grad_out, tiles):
+    """Gradients of q, k and v (in the layouts of forward) given the forward's output and lse,
+    and of the relative table (H, buckets) when there is one (else None). Outer loop over key
+    blocks (their dK and dV stay in one buffer), inner over the query blocks that see them."""
+    spec, g = tiles.spec, tiles.group
+    n, _, d = q.shape
+    block_rows = spec.block_q * g
+    c = spec.scale / spec.softcap if spec.softcap else spec.scale * LOG2E
+    delta = (grad_out * out).sum(dim=-1, keepdim=True)  # rowsum(dO ∘ O), (N, Tq·G, 1)
     neg_lse = lse.neg().unsqueeze(-1)
     dq = torch.zeros_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    s_buf = torch.empty(n * block_q * block_k, device=q.device)
-    dp_buf = torch.empty(n * block_q * block_k, device=q.device)
-    for j0 in range(0, tk, block_k):
-        j1 = min(j0 + block_k, tk)
+    dtable = None if tiles.table is None else torch.zeros_like(tiles.table)
+    s_buf = torch.empty(n * block_rows * spec.block_k, device=q.device)
+    dp_buf = torch.empty_like(s_buf)
+    tanh_buf = torch.empty_like(s_buf) if spec.softcap else None
+    for j0 in range(0, tiles.tk, spec.block_k):
+        j1 = min(j0 + spec.block_k, tiles.tk)
         kj, vj = k[:, j0:j1], v[:, j0:j1]
         dkj, dvj = dk[:, j0:j1].zero_(), dv[:, j0:j1].zero_()
-        # Queries that see none of this block's keys are skipped.
-        i_start = max(0, j0 - offset) if causal else 0
-        for i0 in range(i_start, tq, block_q):
-            i1 = min(i0 + block_q, tq)
-            shape = (n, i1 - i0, j1 - j0)
-            qi, doi = q[:, i0:i1], grad_out[:, i0:i1]
-            # P = exp2(c·QKᵀ - lse), the subtraction folded into the matmul.
-            p = torch.baddbmm(neg_lse[:, i0:i1], qi, kj.transpose(1, 2), alpha=c,
+        first, end = tiles.queries(j0, j1)
+        for i0 in range(first, end, spec.block_q):
+            i1 = min(i0 + spec.block_q, end)
+            r0, r1 = i0 * g, i1 * g
+            shape = (n, r1 - r0, j1 - j0)
+            qi, doi = q[:, r0:r1], grad_out[:, r0:r1]
+            if spec.softcap:
+                t = torch.bmm(qi, kj.transpose(1, 2), out=_buffer(tanh_buf, *shape)).mul_(c).tanh_()
+                p = torch.add(neg_lse[:, r0:r1], t, alpha=spec.softcap * LOG2E,
                               out=_buffer(s_buf, *shape))
-            if alibi is not None:
-                alibi.add_to(p, i0, j0, offset)
-            if causal and _crosses_diagonal(i0, j1, offset):
-                _mask_tile(p, i0, j0, offset)
+            else:
+                # P = exp2(c·QKᵀ - lse), the subtraction folded into the matmul.
+                p = torch.baddbmm(neg_lse[:, r0:r1], qi, kj.transpose(1, 2), alpha=c,
+                                  out=_buffer(s_buf, *shape))
+            tiles.add_bias(p, i0, j0)
             p.exp2_()
             dvj.baddbmm_(p.transpose(1, 2), doi)
             ds = torch.bmm(doi, vj.transpose(1, 2), out=_buffer(dp_buf, *shape))
-            ds.sub_(delta[:, i0:i1]).mul_(p)
-            dq[:, i0:i1].baddbmm_(ds, kj, alpha=scale)
-            dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=scale)
-    return dq, dk, dv
+            ds.sub_(delta[:, r0:r1]).mul_(p)  # the gradient of the capped, biased scores
+            if dtable is not None:
+                tiles.add_table_grad(dtable, ds, i0, j0)
+            if spec.softcap:
+                ds.mul_(t.square_().neg_().add_(1))  # d(cap·tanh(x/cap))/dx = 1 - tanh²
+            dq[:, r0:r1].baddbmm_(ds, kj, alpha=spec.scale)
+            dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=spec.scale)
+    return dq, dk, dv, dtable
 
 
 class TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, slopes, block_q, block_k):
+    def forward(ctx, q, k, v, slopes, table, buckets, spec):
+        b, h, tq, _ = q.shape
         # Autocast would run the matmuls in half precision; the tiles accumulate in float32.
         with torch.autocast(q.device.type, enabled=False):
-            qf, kf, vf = _flat(q), _flat(k), _flat(v)
-            alibi = None
-            if slopes is not None:
-                alibi = _Alibi(slopes, q.size(0), block_q, block_k, causal, q.device)
-            out, lse = forward(qf, kf, vf, causal, scale, block_q, block_k, alibi)
+            tiles = Tiles(spec, b, h, k.size(1), tq, k.size(2), slopes, table, buckets, q.device)
+            qf, kf, vf = _rows(q, k.size(1)), _flat(k), _flat(v)
+            out, lse = forward(qf, kf, vf, tiles)
         ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.args = (causal, scale, block_q, block_k, alibi)
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        return out.view(q.shape).to(q.dtype)
+        ctx.tiles = tiles
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if table is None else table.dtype)
+        return _unrows(out, b, h).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
+        tiles = ctx.tiles
         with torch.autocast(q.device.type, enabled=False):
-            grads = backward(q, k, v, out, lse, _flat(grad_out), *ctx.args)
-        batch_heads = grad_out.shape[:2]
-        dq, dk, dv = (g.view(*batch_heads, *g.shape[1:]).to(t) for g, t in zip(grads, ctx.dtypes))
-        return dq, dk, dv, None, None, None, None, None
+            dq, dk, dv, dtable = backward(q, k, v, out, lse, _rows(grad_out, tiles.kv_heads),
+                                          tiles)
+        q_dtype, k_dtype, v_dtype, table_dtype = ctx.dtypes
+        kv_shape = (tiles.batch, tiles.kv_heads, tiles.tk, -1)
+        return (_unrows(dq, tiles.batch, tiles.heads).to(q_dtype), dk.view(kv_shape).to(k_dtype),
+                dv.view(kv_shape).to(v_dtype), None,
+                None if dtable is None else dtable.to(table_dtype), None, None)
