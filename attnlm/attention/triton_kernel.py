@@ -342,7 +342,8 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0
     if dropout_p:
         raise ValueError("the triton attention backend does not support attention dropout")
     if additive is not None:
-        raise ValueError("the triton attention backend does not compute additive scores")
+        raise ValueError("the triton attention backend scores by dot product only; additive "
+                         "scores need the naive backend")
     if window and not causal:
         raise ValueError("a sliding window needs causal attention")
     rel = None
