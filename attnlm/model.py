@@ -187,9 +187,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self, batch, max_len):
-        c = self.cfg
-        w = self.tok_emb.weight
-        return KVCache(c.n_layer, batch, kv_heads(c), max_len, c.n_embd // c.n_head, w.device, w.dtype)
+        c, w = self.cfg, self.tok_emb.weight
+        return KVCache(layer_windows(c), batch, kv_heads(c), max_len, c.n_embd // c.n_head,
+                       w.device, w.dtype)
 
     def forward(self, idx, targets=None, cache=None, pos=None, last_only=False, head_diversity=0.0):
         """Logits (B, T, vocab) for tokens idx (B, T) and, with targets, the mean cross-entropy.

@@ -5,6 +5,13 @@ The context window. A model reads at most block_size tokens. When the window is 
 its last half (block_size // 2 tokens), which is re-read in one pass at positions 0.., and
 generation goes on from there. The cached and the uncached path follow this one rule, so they
 produce the same tokens.
+
+A model whose every layer attends through a sliding window, with positions that go on past
+block_size (any scheme but learned), has no such limit: each token's keys and values are needed
+only a window's length back, so it generates without end, each layer's cache a ring of `window`
+positions, and never re-reads the text. Its uncached path reads, at their own positions, the
+last tokens that the windows of all layers together reach back to: the same logits as a forward
+pass over the whole text.
 """
 
 import os
@@ -12,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnlm.model import layer_windows
 
 @dataclass(frozen=True)
 class Controls:
@@ -90,6 +98,12 @@ def next_token(logits, controls, seen=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def endless(cfg):
+    """Whether a model of ModelConfig cfg generates past block_size without cropping (see the
+    module's docstring)."""
+    return all(layer_windows(cfg)) and cfg.pos != "learned"
+
+
 @torch.inference_mode()
 def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None, use_cache=True,
              num_samples=1):
@@ -103,8 +117,10 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
     """
     if not max_new_tokens:
         return
-    block = model.cfg.block_size
+    cfg = model.cfg
+    block, without_end = cfg.block_size, endless(cfg)
     keep = max(1, block // 2)
+    reach = sum(window - 1 for window in layer_windows(cfg)) + 1  # used without_end only
     prompt = prompt[:, -block:]
     length = prompt.size(1)
     rows = prompt.size(0) * num_samples
@@ -114,7 +130,10 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
     if controls.repetition_penalty != 1:
         seen = torch.zeros(rows, model.vocab_size, dtype=torch.bool, device=prompt.device)
         seen.scatter_(1, tokens[:, :length], True)
-    cache = model.new_cache(rows, min(block, length + max_new_tokens)) if use_cache else None
+    cache = None
+    if use_cache:
+        total = length + max_new_tokens
+        cache = model.new_cache(rows, total if without_end else min(block, total))
     logits, _ = model(prompt, cache=cache, last_only=True)
     logits = logits.repeat(num_samples, 1, 1)
     if cache is not None:
@@ -129,12 +148,16 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
         yield token
         if step + 1 == max_new_tokens:
             break
-        if end - start > block:
+        if without_end:
+            if cache is None:
+                start = max(0, end - reach)
+        elif end - start > block:
             start = end - keep
             if cache is not None:
                 cache.reset()
+        origin = 0 if without_end else start  # tokens[:, i] sits at position i - origin
         read = start + (cache.length if cache is not None else 0)
-        logits, _ = model(tokens[:, read:end], cache=cache, last_only=True)
+        logits, _ = model(tokens[:, read:end], cache=cache, pos=read - origin, last_only=True)
 
 
 class IncrementalDecoder:

@@ -13,6 +13,11 @@ pip install -e '.[bench]', a benchmark-only extra).
 which compiles the prefill and the step) and is never inside tokens/s; break_even_tokens is how
 many tokens a generation needs before compiling has paid for itself.
 
+--kv-heads 6,2,1 instead times the plain cached path of a model with each number of key/value
+heads (grouped-query attention; 6 is multi-head, 1 multi-query), one JSON line each with the KV
+cache's bytes per token (every layer's keys and values of one position) and tokens/s; --dtype
+bfloat16 runs those models in bfloat16.
+
 On a shared machine, run it alone: flock -x /tmp/bench.lock python benchmarks/generate.py
 """
 
@@ -111,7 +116,12 @@ def main():
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--repeats", type=int, default=3,
                         help="cached runs per implementation; the fastest is summarised")
+    parser.add_argument("--kv-heads", help="comma-separated n_kv_head values to time instead")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the models' dtype with --kv-heads")
     args = parser.parse_args()
+    if args.kv_heads:
+        return kv_head_runs(args)
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SHAPE, attention=args.attention), VOCAB).eval()
@@ -141,6 +151,30 @@ def main():
                         best[impl, path] = result
         print(json.dumps({**base, "summary": "fastest run of each",
                           **ratios(best, compile_s)}), flush=True)
+
+
+def kv_head_runs(args):
+    """Per n_kv_head: the cache's bytes per token and the fastest cached run's tokens/s."""
+    dtype = getattr(torch, args.dtype)
+    prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
+    for threads in args.threads.split(","):
+        torch.set_num_threads(os.cpu_count() if threads == "all" else int(threads))
+        for kv_heads in map(int, args.kv_heads.split(",")):
+            torch.manual_seed(0)
+            cfg = ModelConfig(**SHAPE, n_kv_head=kv_heads, attention=args.attention)
+            model = GPT(cfg, VOCAB).to(dtype).eval()
+            cache = model.new_cache(1, SHAPE["block_size"])
+            attnlm_times(model, prompt, WARM_UP, True)
+            runs = []
+            for _ in range(args.repeats):
+                cpu = time.process_time()
+                times = attnlm_times(model, prompt, args.new_tokens, True)
+                runs.append(summary(times, time.process_time() - cpu))
+            best = max(runs, key=lambda r: r["tokens_per_s"])
+            print(json.dumps({"bench": "generate-kv-heads", **SHAPE, "n_kv_head": kv_heads,
+                              "dtype": args.dtype, "attention": args.attention, **machine(),
+                              "kv_bytes_per_token": cache.nbytes // SHAPE["block_size"],
+                              **best}), flush=True)
 
 
 def ratios(best, compile_s):

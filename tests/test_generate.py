@@ -239,6 +239,92 @@ def test_end_of_text_token_ends_a_sample_unshown(run_dir):
     assert plain.text.startswith(ended.text) and plain.finish == "length"
 
 
+# Grouped-query and sliding-window layers: the cache holds n_kv_head heads, a windowed layer a
+# ring of `window` positions. WINDOWED: the backends that take windows and grouped keys.
+
+WINDOWED = ["naive"]
+WINDOW = 5
+LAYOUTS = {"windowed": ("", 4), "SSSL": ("SSSL", 4), "LS": ("LS", 2)}  # pattern, layers
+
+
+def variant(pos, layout, n_kv_head, backend="naive"):
+    """An untrained 4-head model whose every matrix is drawn at standard deviation 1: its
+    attention weighs on the output (at GPT-2's initialisation the last token alone decides the
+    next, and a cache that lost the context would go unseen) and its logits meet no near-ties."""
+    pattern, layers = LAYOUTS[layout]
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=BLOCK, n_layer=layers, n_head=4, n_kv_head=n_kv_head, n_embd=32,
+                      pos=pos, window=WINDOW, window_pattern=pattern, attention=backend)
+    model = GPT(cfg, 256).eval()
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=1.0)
+    return model
+
+
+def full_forward_greedy(model, prompt, generated):
+    """Whether greedy decoding of `prompt` gives `generated`, by one forward pass over the whole
+    text: the argmax at each position must be the next token."""
+    text = torch.tensor([prompt + generated])
+    with torch.no_grad():
+        logits, _ = model(text)
+    return logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == generated
+
+
+@pytest.mark.parametrize("backend", WINDOWED)
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grouped_and_windowed_layers_decode_as_without_the_cache(backend, n_kv_head, pos, layout):
+    """A prompt longer than the window; all layers windowed, so generation goes past block_size
+    (against a forward pass over the whole text), or some full (against the plain loop with its
+    window restarts)."""
+    model = variant(pos, layout, n_kv_head, backend)
+    n = 3 * BLOCK
+    greedy = Controls(temperature=0)
+    cached = tokens(model, LONG[:12], n, greedy)[0]
+    assert cached == tokens(model, LONG[:12], n, greedy, use_cache=False)[0]
+    if layout == "windowed":
+        assert full_forward_greedy(model, LONG[:12], cached)
+    else:
+        assert cached == reference_greedy(model, LONG[:12], n)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "sinusoidal", "relative", "none"])
+def test_an_all_windowed_model_generates_past_block_size_as_a_whole_forward_pass_does(pos):
+    model = variant(pos, "windowed", 2)
+    for use_cache in (True, False):
+        generated = tokens(model, SHORT, 5 * BLOCK, Controls(temperature=0), use_cache=use_cache)[0]
+        assert full_forward_greedy(model, SHORT, generated)
+
+
+def test_learned_positions_stop_at_block_size_even_when_every_layer_is_windowed():
+    model = variant("learned", "windowed", 2)
+    n = 3 * BLOCK
+    assert tokens(model, SHORT, n, Controls(temperature=0))[0] == reference_greedy(model, SHORT, n)
+
+
+def test_an_all_windowed_model_reads_each_token_once_into_a_cache_of_fixed_size():
+    """Bytes by hand: 4 layers, keys and values, 3 samples, 2 key/value heads of 8 dimensions,
+    float32, 2·window slots a layer, however many tokens are generated."""
+    model = variant("rope", "windowed", 2)
+    for n in (BLOCK, 10 * BLOCK):
+        caches, calls = [], []
+        new_cache = model.new_cache
+        model.new_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
+        hook = model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+        tokens(model, SHORT, n, Controls(), rows=3)
+        hook.remove()
+        del model.new_cache
+        assert calls == [(1, len(SHORT))] + [(3, 1)] * (n - 1)  # no re-reading, ever
+        assert caches[0].nbytes == 4 * 2 * 3 * 2 * 8 * 4 * 2 * WINDOW
+
+
+def test_the_cache_shrinks_by_the_group_factor():
+    sizes = {h: variant("rope", "SSSL", h).new_cache(1, BLOCK).nbytes for h in (4, 2, 1)}
+    assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
+
+
 # The command line.
 
 def run(*args):

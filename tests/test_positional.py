@@ -210,7 +210,7 @@ def test_rope_keys_are_cached_rotated_at_their_absolute_position():
         x = layer.norm1(model.tok_emb(idx))
         k = layer.attn.qkv(x).split(48, 2)[1].view(1, 9, 3, 16).transpose(1, 2)
     want = rotate_by_hand(k, range(9), 10000.0).float()
-    torch.testing.assert_close(cache.keys[0][:, :, :9], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.layers[0].keys[:, :, :9], want, atol=1e-5, rtol=1e-5)
 
 
 # eval --block-size.

@@ -9,7 +9,7 @@ from torch import nn
 from attnlm import tasks
 from attnlm.run import load_model
 from attnlm.cli import cli
-from attnlm.config import build_config, load_config
+from attnlm.config import ModelConfig, build_config, load_config
 from attnlm.batches import BatchSampler, Split, window_starts
 from attnlm.data import prepare_training, resolve_source
 from attnlm.errors import InputError
@@ -161,7 +161,7 @@ class Copier(nn.Module):
 
     def __init__(self, tokenizer, length, flaw=None, to=None):
         super().__init__()
-        self.cfg = type("Cfg", (), {"block_size": 64})
+        self.cfg = ModelConfig(block_size=64)
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the scorer a device
         self.vocab, self.length = tokenizer.vocab_size, length
         self.swap = tokenizer.encode(flaw + to) if flaw else None
@@ -169,7 +169,7 @@ class Copier(nn.Module):
     def new_cache(self, *_):
         return None  # no KV cache: generation re-reads the whole sequence every step
 
-    def forward(self, ids, cache=None, last_only=False):
+    def forward(self, ids, cache=None, pos=None, last_only=False):
         source = torch.roll(ids, self.length, dims=1)
         if self.swap:
             source = source.masked_fill(source == self.swap[0], self.swap[1])
