@@ -166,6 +166,25 @@ def test_the_exported_weights_are_stored_once_with_the_format_set(tmp_path):
         assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
 
 
+@pytest.mark.parametrize("overrides, named", [
+    ([*LLAMA, "model.window=8", "model.bias=true"], "model.bias=true with a window"),
+    ([*LLAMA, "model.qk_norm=true", "model.bias=true"], "model.bias=true with a window or qk_norm"),
+    (["model.pos=learned", "model.n_kv_head=2"], "model.pos=learned (a Llama shape needs rope)"),
+    ([*LLAMA[:2], "model.mlp=relu2"], "model.mlp=relu2 (a Llama shape needs swiglu)"),
+    (["model.mlp=relu2"], "model.mlp=relu2"),
+    ([*LLAMA, "model.softcap=30"], "model.softcap=30.0"),
+    (["model.pos=rope", "model.mlp_hidden=100"], "model.mlp_hidden=100"),
+])
+def test_what_no_architecture_computes_is_refused_in_one_line(tmp_path, overrides, named):
+    from attnlm.errors import InputError
+    from attnlm.export import architecture
+
+    with pytest.raises(InputError) as refused:
+        architecture(build_config(overrides=overrides).model)
+    message = str(refused.value)
+    assert named in message and "exportable: " in message and "\n" not in message
+
+
 def test_alibi_with_biases_is_refused_in_one_line(tmp_path):
     make_run(tmp_path / "run", ["model.pos=alibi", "model.bias=true"], tok.ByteTokenizer())
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "hf")])
