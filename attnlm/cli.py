@@ -216,8 +216,10 @@ def export_command(run, out):
     """Write a trained model (RUN: run directory or checkpoint) as a Hugging Face transformers
     directory OUT: config.json, model.safetensors and the tokenizer, loaded by
     AutoModelForCausalLM.from_pretrained(OUT) without custom code. Only exact mappings: learned,
-    sinusoidal and no positions as GPT-2, RoPE as GPT-NeoX, ALiBi without biases as MPT; what
-    no architecture computes exactly is refused. Needs attnlm[hf]."""
+    sinusoidal and no positions as GPT-2, RoPE as GPT-NeoX, ALiBi without biases as MPT;
+    RoPE + RMSNorm + SwiGLU (any n_kv_head) as Llama, with QK-norm as Qwen3, with windows as
+    Mistral (every layer) or Ministral (some); what no architecture computes exactly is
+    refused. Needs attnlm[hf]."""
     from attnlm.export import export_run
 
     arch = export_run(run, out)

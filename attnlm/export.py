@@ -2,9 +2,15 @@
 and a local GPT-2 directory as a run. Only exact mappings: what transformers would compute
 otherwise is refused, never approximated.
 
-    learned, sinusoidal, none   GPT2LMHeadModel (a fixed position table for sinusoidal and none)
-    rope                        GPTNeoXForCausalLM, rotary_pct 1.0, sequential residual
-    alibi, model.bias=false     MptForCausalLM (MPT has no biases: with them, refused)
+    layernorm + gelu, n_kv_head = n_head, no window, no qk_norm:
+      learned, sinusoidal, none   GPT2LMHeadModel (a fixed position table for sinusoidal and none)
+      rope                        GPTNeoXForCausalLM, rotary_pct 1.0, sequential residual
+      alibi, model.bias=false     MptForCausalLM (MPT has no biases: with them, refused)
+    rope + rmsnorm + swiglu, any n_kv_head (Llama-shaped):
+      bias on or off              LlamaForCausalLM
+      qk_norm, no bias            Qwen3ForCausalLM (windows, if any, as its layer types)
+      window on every layer       MistralForCausalLM
+      window on some layers       MinistralForCausalLM
 
 Needs the optional extra: pip install 'attnlm[hf]'.
 """
@@ -20,6 +26,7 @@ from attnlm import config as config_mod, run as run_mod
 from attnlm.errors import InputError
 from attnlm.files import atomic_write
 from attnlm.hf_tokenizer import LIMITS, HFTokenizer, require, to_hf, tokenizer_config
+from attnlm.model import RMS_EPS, kv_heads, layer_windows, mlp_width
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # ours -> transformers'
@@ -32,19 +39,33 @@ class Layout:
     cls: str  # the transformers model class
     embedding: str
     layer: str  # the prefix of layer i's names, with {} for i
-    modules: tuple  # (attnlm's module, theirs) in each layer
+    modules: tuple  # (attnlm's module, theirs, or a tuple of theirs its rows are split into)
     final_norm: str
     params: tuple = ("weight", "bias")  # an architecture without biases has weights alone
+    zero_biases: bool = True  # a bias attnlm leaves out is stored as zeros; else left out too
 
     def names(self, n_layer):
-        """(attnlm's name, transformers' name, attnlm's module) of every stored weight."""
+        """(attnlm's name, transformers' name or names, attnlm's module) of every weight."""
         yield "tok_emb.weight", f"{self.embedding}.weight", "tok_emb"
         for i in range(n_layer):
+            prefix = self.layer.format(i)
             for ours, theirs in self.modules:
                 for p in self.params:
-                    yield f"blocks.{i}.{ours}.{p}", f"{self.layer.format(i)}{theirs}.{p}", ours
+                    name = (tuple(f"{prefix}{t}.{p}" for t in theirs) if isinstance(theirs, tuple)
+                            else f"{prefix}{theirs}.{p}")
+                    yield f"blocks.{i}.{ours}.{p}", name, ours
         for p in self.params:
             yield f"norm.{p}", f"{self.final_norm}.{p}", "norm"
+
+
+def _llama_layout(cls, extra=()):
+    return Layout(cls, "model.embed_tokens", "model.layers.{}.",
+                  (("norm1", "input_layernorm"),
+                   ("attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                   ("attn.proj", "self_attn.o_proj"), ("norm2", "post_attention_layernorm"),
+                   ("mlp.fc", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.proj", "mlp.down_proj"),
+                   *extra),
+                  "model.norm", zero_biases=False)
 
 
 LAYOUTS = {
@@ -61,6 +82,12 @@ LAYOUTS = {
                   (("norm1", "norm_1"), ("attn.qkv", "attn.Wqkv"), ("attn.proj", "attn.out_proj"),
                    ("norm2", "norm_2"), ("mlp.fc", "ffn.up_proj"), ("mlp.proj", "ffn.down_proj")),
                   "transformer.norm_f", params=("weight",)),
+    "llama": _llama_layout("LlamaForCausalLM"),
+    # Qwen3's QK-norm is attnlm's: an RMSNorm over each head's dimensions, before RoPE.
+    "qwen3": _llama_layout("Qwen3ForCausalLM", (("attn.q_norm", "self_attn.q_norm"),
+                                                ("attn.k_norm", "self_attn.k_norm"))),
+    "mistral": _llama_layout("MistralForCausalLM"),
+    "ministral": _llama_layout("MinistralForCausalLM"),
 }
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
@@ -76,32 +103,55 @@ def _to_theirs(arch, module, t, n_head):
     return t
 
 
-# Model settings that none of the exported architectures computes, with the value they need.
-PLAIN = {"n_kv_head": (0, "n_head"), "window": (0, "0"), "qk_norm": (False, "false"),
-         "softcap": (0.0, "0"), "norm": ("layernorm", "layernorm"), "mlp": ("gelu", "gelu"),
-         "attn_temperature": (1.0, "1"), "score": ("dot", "dot"), "residual_scale": (1.0, "1")}
+def _split(module, t, m):
+    """A fused attnlm tensor as the separate ones of a Llama-shaped model: qkv's rows are
+    [q heads | k heads | v heads] (n_kv_head key and value heads), SwiGLU's fc's [gate | up]."""
+    if module == "attn.qkv":
+        head_dim = m.n_embd // m.n_head
+        return t.split((m.n_head * head_dim, kv_heads(m) * head_dim, kv_heads(m) * head_dim))
+    return t.chunk(2)
+
+
+# Model settings that no exported architecture computes at another value.
+FIXED = {"softcap": 0.0, "attn_temperature": 1.0, "score": "dot", "residual_scale": 1.0}
+LLAMA_SHAPE = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+EXPORTABLE = ("exportable: layernorm + gelu with n_kv_head = n_head and learned, sinusoidal or no "
+              "positions (GPT-2), rope (GPT-NeoX) or alibi without biases (MPT); rope + rmsnorm + "
+              "swiglu with any n_kv_head (Llama), with qk_norm (Qwen3), a window on every layer "
+              "(Mistral) or on some (Ministral), these three without biases")
 
 
 def architecture(m):
-    """'gpt2', 'gpt_neox' or 'mpt' for a ModelConfig, or InputError saying why none is exact."""
-    unusual = [f"model.{key}={getattr(m, key)} (needs {shown})"
-               for key, (plain, shown) in PLAIN.items()
-               if getattr(m, key) != plain and not (key == "n_kv_head" and m.n_kv_head == m.n_head)]
-    if m.pos == "relative":
-        unusual.append("model.pos=relative")
-    if m.mlp_hidden not in (0, 4 * m.n_embd):
-        unusual.append(f"model.mlp_hidden={m.mlp_hidden} (needs {4 * m.n_embd})")
-    if unusual:
-        raise InputError("cannot be exported exactly: GPT-2, GPT-NeoX and MPT have no "
-                         + ", ".join(unusual) + "; refused")
-    if m.pos == "alibi" and m.bias:
-        raise InputError("model.pos=alibi with model.bias=true cannot be exported exactly: MPT, "
-                         "the ALiBi architecture of transformers that computes attnlm's blocks, "
-                         "has no biases; refused")
-    if m.pos == "alibi" and m.activation != "gelu":
-        raise InputError(f"model.pos=alibi with model.activation={m.activation} cannot be "
-                         "exported exactly: MPT's GELU is the exact one; refused")
-    return {"alibi": "mpt", "rope": "gpt_neox"}.get(m.pos, "gpt2")
+    """The transformers architecture that computes a ModelConfig exactly ('gpt2', 'gpt_neox',
+    'mpt', 'llama', 'qwen3', 'mistral' or 'ministral'), or InputError naming each setting that
+    none computes and what is exportable."""
+    problems = [f"model.{key}={getattr(m, key)}" for key, plain in FIXED.items()
+                if getattr(m, key) != plain]
+    windows = [w for w in layer_windows(m) if w]
+    if m.norm == "rmsnorm" or m.mlp == "swiglu" or kv_heads(m) != m.n_head or windows or m.qk_norm:
+        problems += [f"model.{key}={getattr(m, key)} (a Llama shape needs {need})"
+                     for key, need in LLAMA_SHAPE.items() if getattr(m, key) != need]
+        if m.bias and (windows or m.qk_norm):
+            problems.append("model.bias=true with a window or qk_norm (Qwen3, Mistral and "
+                            "Ministral have no MLP biases)")
+        arch = ("qwen3" if m.qk_norm else "mistral" if len(windows) == m.n_layer
+                else "ministral" if windows else "llama")
+    else:
+        if m.pos == "relative":
+            problems.append("model.pos=relative")
+        if m.mlp != "gelu":
+            problems.append(f"model.mlp={m.mlp}")
+        if m.mlp_hidden not in (0, 4 * m.n_embd):
+            problems.append(f"model.mlp_hidden={m.mlp_hidden} (gelu's needs {4 * m.n_embd})")
+        if m.pos == "alibi" and m.bias:
+            problems.append("model.pos=alibi with model.bias=true (MPT has no biases)")
+        if m.pos == "alibi" and m.activation != "gelu":
+            problems.append(f"model.pos=alibi with model.activation={m.activation} (MPT's GELU "
+                            "is the exact one)")
+        arch = {"alibi": "mpt", "rope": "gpt_neox"}.get(m.pos, "gpt2")
+    if problems:
+        raise InputError(f"cannot be exported exactly: {', '.join(problems)}; {EXPORTABLE}")
+    return arch
 
 
 def _position_table(model):
@@ -115,15 +165,40 @@ def _position_table(model):
 def hf_tensors(model, arch):
     """The model's weights under transformers' names, ready for safetensors (the tied head
     stored once, as the embedding: transformers ties it back on load)."""
+    layout, m = LAYOUTS[arch], model.cfg
     ours = model.state_dict()
     out = {}
-    for a, b, module in LAYOUTS[arch].names(model.cfg.n_layer):
-        # A bias attnlm leaves out (model.bias=false) is zeros there.
-        t = ours[a] if a in ours else torch.zeros(len(ours[a.replace(".bias", ".weight")]))
-        out[b] = _to_theirs(arch, module, t, model.cfg.n_head)
+    for a, b, module in layout.names(m.n_layer):
+        if a in ours:
+            t = ours[a]
+        elif layout.zero_biases:  # a bias attnlm leaves out (model.bias=false) is zeros there
+            t = torch.zeros(len(ours[a.replace(".bias", ".weight")]))
+        else:
+            continue
+        if isinstance(b, tuple):
+            out.update(zip(b, _split(module, t, m)))
+        else:
+            out[b] = _to_theirs(arch, module, t, m.n_head)
     if arch == "gpt2":
         out["transformer.wpe.weight"] = _position_table(model)
     return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def _llama_config(transformers, m, arch, common):
+    """Llama and its relatives: the same block, with QK-norm (Qwen3) or sliding windows of W
+    keys, the query's own included, as attnlm's (transformers: key > query - W)."""
+    types = ["sliding_attention" if w else "full_attention" for w in layer_windows(m)]
+    extra = {"llama": dict(attention_bias=m.bias, mlp_bias=m.bias),
+             "qwen3": dict(use_sliding_window=bool(m.window), sliding_window=m.window or None,
+                           layer_types=types),
+             "mistral": dict(sliding_window=m.window),
+             "ministral": dict(sliding_window=m.window, layer_types=types)}[arch]
+    return transformers.AutoConfig.for_model(
+        arch, hidden_size=m.n_embd, intermediate_size=mlp_width(m), num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head, num_key_value_heads=kv_heads(m),
+        head_dim=m.n_embd // m.n_head, hidden_act="silu", max_position_embeddings=m.block_size,
+        rms_norm_eps=RMS_EPS, rope_parameters={"rope_type": "default", "rope_theta": m.rope_base},
+        attention_dropout=m.attn_dropout, **extra, **common)
 
 
 def hf_config(m, vocab_size, eos_id, arch):
@@ -143,12 +218,14 @@ def hf_config(m, vocab_size, eos_id, arch):
             resid_pdrop=m.dropout, emb_pdrop=m.dropout,
             # MPT's attn_pdrop drops in its MLP too, unlike attnlm's: left at 0 (training only)
             attn_config={"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0}, **common)
-    return transformers.GPTNeoXConfig(
-        hidden_size=m.n_embd, num_hidden_layers=m.n_layer, num_attention_heads=m.n_head,
-        intermediate_size=4 * m.n_embd, hidden_act=ACTIVATIONS[m.activation],
-        max_position_embeddings=m.block_size, rotary_pct=1.0, rotary_emb_base=m.rope_base,
-        use_parallel_residual=False, attention_bias=True, layer_norm_eps=LAYER_NORM_EPS,
-        hidden_dropout=m.dropout, attention_dropout=m.attn_dropout, **common)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=m.n_embd, num_hidden_layers=m.n_layer, num_attention_heads=m.n_head,
+            intermediate_size=4 * m.n_embd, hidden_act=ACTIVATIONS[m.activation],
+            max_position_embeddings=m.block_size, rotary_pct=1.0, rotary_emb_base=m.rope_base,
+            use_parallel_residual=False, attention_bias=True, layer_norm_eps=LAYER_NORM_EPS,
+            hidden_dropout=m.dropout, attention_dropout=m.attn_dropout, **common)
+    return _llama_config(transformers, m, arch, common)
 
 
 def export_run(run, out):

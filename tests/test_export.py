@@ -50,6 +50,8 @@ for job in jobs:
 assert "attnlm" not in sys.modules
 """
 
+# naive: the attention contract itself (grouped-query, windows)
+LLAMA = ["model.pos=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.attention=naive"]
 CONFIGS = {  # name: (model overrides, tokenizer kind)
     "learned-bias": (["model.pos=learned", "model.bias=true"], "bpe"),
     "learned-nobias": (["model.pos=learned", "model.bias=false"], "bytes"),
@@ -59,9 +61,23 @@ CONFIGS = {  # name: (model overrides, tokenizer kind)
     "rope-nobias": (["model.pos=rope", "model.bias=false"], "bpe"),
     "alibi-4heads": (["model.pos=alibi"], "bytes"),
     "alibi-6heads": (["model.pos=alibi", "model.n_head=6", "model.n_embd=48"], "bytes"),
+    # Llama-shaped, with n_head = 4: n_kv_head = n_head, n_head/2 and 1.
+    "llama-mha-bias": ([*LLAMA, "model.bias=true", "model.rope_base=500"], "bytes"),
+    "llama-gqa": ([*LLAMA, "model.n_kv_head=2", "model.mlp_hidden=40"], "bpe"),
+    "llama-mqa": ([*LLAMA, "model.n_kv_head=1"], "bytes"),
+    "qwen3": ([*LLAMA, "model.n_kv_head=2", "model.qk_norm=true"], "bytes"),
+    "qwen3-sl-windows": ([*LLAMA, "model.qk_norm=true", "model.window=5",
+                          "model.window_pattern=SL"], "bytes"),
+    "mistral": ([*LLAMA, "model.n_kv_head=2", "model.window=7"], "bytes"),
+    "ministral-ls-windows": ([*LLAMA, "model.n_kv_head=1", "model.window=6",
+                              "model.window_pattern=LS"], "bytes"),
 }
 ARCH = {"rope-bias": "GPTNeoXForCausalLM", "rope-nobias": "GPTNeoXForCausalLM",
-        "alibi-4heads": "MptForCausalLM", "alibi-6heads": "MptForCausalLM"}
+        "alibi-4heads": "MptForCausalLM", "alibi-6heads": "MptForCausalLM",
+        "llama-mha-bias": "LlamaForCausalLM", "llama-gqa": "LlamaForCausalLM",
+        "llama-mqa": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+        "qwen3-sl-windows": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+        "ministral-ls-windows": "MinistralForCausalLM"}
 
 
 def make_tokenizer(kind):
@@ -148,6 +164,25 @@ def test_the_exported_weights_are_stored_once_with_the_format_set(tmp_path):
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ([*LLAMA, "model.window=8", "model.bias=true"], "model.bias=true with a window"),
+    ([*LLAMA, "model.qk_norm=true", "model.bias=true"], "model.bias=true with a window or qk_norm"),
+    (["model.pos=learned", "model.n_kv_head=2"], "model.pos=learned (a Llama shape needs rope)"),
+    ([*LLAMA[:2], "model.mlp=relu2"], "model.mlp=relu2 (a Llama shape needs swiglu)"),
+    (["model.mlp=relu2"], "model.mlp=relu2"),
+    ([*LLAMA, "model.softcap=30"], "model.softcap=30.0"),
+    (["model.pos=rope", "model.mlp_hidden=100"], "model.mlp_hidden=100"),
+])
+def test_what_no_architecture_computes_is_refused_in_one_line(tmp_path, overrides, named):
+    from attnlm.errors import InputError
+    from attnlm.export import architecture
+
+    with pytest.raises(InputError) as refused:
+        architecture(build_config(overrides=overrides).model)
+    message = str(refused.value)
+    assert named in message and "exportable: " in message and "\n" not in message
 
 
 def test_alibi_with_biases_is_refused_in_one_line(tmp_path):
