@@ -21,6 +21,7 @@ from attnlm.errors import AttnlmError, InputError
 from attnlm.evaluate import split_loss
 from attnlm.interrupt import Interrupted, deferred_interrupts
 from attnlm.model import GPT
+from attnlm.optim import make_optimizer
 from attnlm.runtime import autocast, resolve_device, set_threads, slow_dtype_warning
 from attnlm.token_cache import cache_dir
 
@@ -53,16 +54,6 @@ def describe_schedule(t, step):
         return f"lr schedule: cosine to {t.min_lr:g} at step {end}, then flat at {t.min_lr:g}"
     return (f"lr schedule: flat at {t.min_lr:g} (the cosine ended at step {end}; "
             "train.lr_decay_iters sets another horizon)")
-
-
-def make_optimizer(model, t):
-    """AdamW with weight decay on matrices only (not on biases, norms' gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
 
 
 def configure(yaml_doc, overrides, out, resume=False):
