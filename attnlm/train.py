@@ -323,6 +323,10 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if w.size > 1 and distributed.is_lost_peer(err):
             raise distributed.lost_peer(err) from None
+        if t.compile and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
+            cause = str(getattr(err, "inner_exception", err)).splitlines()[0]
+            raise AttnlmError(f"torch.compile failed ({cause}); train without it: --set "
+                              "train.compile=false (the last checkpoint is kept)") from None
         if not _out_of_memory(err):
             raise
         raise AttnlmError(

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from attnlm import train as train_mod
+from attnlm.errors import AttnlmError
 from attnlm.run import load_checkpoint, load_model
 from attnlm.train import resume_config, train
 from tests.helpers import text_file, tiny_config, train_curve
@@ -36,3 +38,15 @@ def test_compiled_training_matches_eager_and_checkpoints_load_either_way(tmp_pat
     cfg = resume_config(tmp_path / "resumed", None, ["train.max_iters=6", "train.compile=true"])
     train(cfg, tmp_path / "resumed", resume=True, quiet=True)
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_a_failed_compilation_is_one_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(train_mod, "compiled", lambda module: torch.compile(module, backend=broken))
+    message = r"torch.compile failed \(no C\+\+ compiler found\).*train.compile=false"
+    with pytest.raises(AttnlmError, match=message):
+        train(tiny_config(text_file(tmp_path), *STEPS, "train.compile=true"), tmp_path / "run",
+              quiet=True)
+    assert load_checkpoint(tmp_path / "run")["step"] == 0
