@@ -18,6 +18,7 @@ SCORES = ("dot", "additive")  # scaled dot product, or Bahdanau's w·tanh(q + k)
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several
 PARALLEL = ("ddp", "fsdp")  # how the processes of a torchrun job share the model
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
 
 
 def device_problem(name):

@@ -194,7 +194,10 @@ def gather(runs, fmt):
               show_default=True,
               help="Loss in nats per token, or bits per byte of text (the loss times the run's "
                    "val tokens per byte, over ln 2): compares runs with different tokenizers.")
-def plot(runs, out, log_y, y_axis):
+@click.option("--x", "x_axis", type=click.Choice(["step", "time"]), default="step",
+              show_default=True, help="Steps, or wall seconds since each run started (data "
+                                      "preparation, compilation and evaluations included).")
+def plot(runs, out, log_y, y_axis, x_axis):
     """Train and val loss curves of one run or several overlaid, as a PNG (RUNS: run
     directories, folders of them, or quoted globs). Needs matplotlib: pip install 'attnlm[plot]'.
     """
@@ -205,7 +208,7 @@ def plot(runs, out, log_y, y_axis):
     if out is None and len(found) > 1:
         raise InputError(f"{len(found)} runs to overlay: say where the plot goes with --out FILE.png")
     out = out or str(found[0] / "loss.png")
-    loss_curves(found, out, log_y, y_axis)
+    loss_curves(found, out, log_y, y_axis, x_axis)
     click.echo(f"wrote {out}")
 
 

@@ -83,6 +83,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32, bfloat16 or float16 (autocast on CUDA)
     parallel: str = "ddp"  # under torchrun: ddp (a whole model per process) or fsdp (sharded)
     compile: bool = False  # torch.compile the model for training and evaluation
+    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
     head_diversity: float = 0.0  # weight of a penalty on heads of a layer whose outputs agree
 
 
@@ -311,7 +312,10 @@ def validate(cfg):
              ("model.score", m.score, choices.SCORES),
              ("tokenizer.kind", cfg.tokenizer.kind, choices.TOKENIZERS),
              ("train.dtype", t.dtype, choices.DTYPES),
-             ("train.parallel", t.parallel, choices.PARALLEL)]
+             ("train.parallel", t.parallel, choices.PARALLEL),
+             ("train.optimizer", t.optimizer, choices.OPTIMIZERS)]
+    _check(p, not (t.optimizer == "muon" and t.parallel == "fsdp"), "train.optimizer", t.optimizer,
+           "cannot run on FSDP's shards (Muon needs each matrix whole): use train.parallel=ddp")
     for key, value, allowed in named:
         _check(p, value in allowed, key, value,
                f"must be one of {', '.join(allowed)}{choices.suggest(value, allowed)}")

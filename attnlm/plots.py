@@ -32,13 +32,21 @@ def save_png(fig, path, dpi):
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-def read_metrics(run):
-    """(train rows, val rows) of a run's metrics.jsonl, each a list of (step, loss)."""
+X_AXES = {"step": ("step", "step"), "time": ("time_s", "wall seconds since the run started")}
+
+
+def read_metrics(run, x="step"):
+    """(train rows, val rows) of a run's metrics.jsonl, each a list of (x, loss): x the step, or
+    with x="time" the wall seconds since the run started (data preparation included)."""
     from attnlm.run import read_metrics as records
 
+    key = X_AXES[x][0]
     rows = records(run)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if any(key not in r for r in rows):
+        raise InputError(f"{run}: its metrics.jsonl has no {key} (trained by an older attnlm); "
+                         f"plot it against step")
+    train = [(r[key], r["loss"]) for r in rows if "loss" in r]
+    val = [(r[key], r["val_loss"]) for r in rows if "val_loss" in r]
     return train, val
 
 
@@ -68,9 +76,9 @@ def _names(runs):
     return [n if len(n) <= LABEL else f"{n[:half]}…{n[-(LABEL - 1 - half):]}" for n in names]
 
 
-def loss_curves(runs, out, log_y=False, y="loss"):
-    """Train loss (solid) and val loss (dashed, dots) against step, one colour per run, written
-    to the PNG file out; returns the figure. y="bits-per-byte" scales both by the run's val
+def loss_curves(runs, out, log_y=False, y="loss", x="step"):
+    """Train loss (solid) and val loss (dashed, dots) against step (or x="time", wall seconds),
+    one colour per run, written to the PNG file out; returns the figure. y="bits-per-byte" scales both by the run's val
     tokens per byte (gather.tokens_per_byte), so runs with different tokenizers compare. The
     legend sits beside the axes: one entry per run, in columns of LEGEND_ROWS, and the two line
     styles explained once."""
@@ -84,7 +92,7 @@ def loss_curves(runs, out, log_y=False, y="loss"):
     ax = fig.add_subplot()
     handles = []
     for run, name, colour in zip(runs, _names(runs), _colours(len(runs))):
-        train, val = read_metrics(run)
+        train, val = read_metrics(run, x)
         scale = tokens_per_byte(run) / math.log(2) if y == "bits-per-byte" else 1.0
         if train:
             ax.plot([s for s, _ in train], [v * scale for _, v in train], color=colour, linewidth=1)
@@ -94,7 +102,7 @@ def loss_curves(runs, out, log_y=False, y="loss"):
         handles.append(Line2D([], [], color=colour, linewidth=3, label=name))
     handles += [Line2D([], [], color="grey", linewidth=1, label="train"),
                 Line2D([], [], color="grey", linestyle="--", marker="o", markersize=4, label="val")]
-    ax.set_xlabel("step")
+    ax.set_xlabel(X_AXES[x][1])
     ax.set_ylabel(Y_AXES[y])
     if log_y:
         ax.set_yscale("log")

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -13,14 +14,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attnlm import config as config_mod, distributed, run, tokenizer as tokenizer_mod
+from attnlm import config as config_mod, distributed, run, tokenizer as tokenizer_mod, utilisation
 from attnlm.attention import check_backend
 from attnlm.data import BatchSampler, need_tokens, prepare_training
 from attnlm.errors import AttnlmError, InputError
 from attnlm.evaluate import split_loss
 from attnlm.interrupt import Interrupted, deferred_interrupts
 from attnlm.model import GPT
+from attnlm.optim import make_optimizer
 from attnlm.runtime import autocast, resolve_device, set_threads, slow_dtype_warning
+from attnlm.token_cache import cache_dir
 
 OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator")  # the CPU's RuntimeError
 
@@ -51,16 +54,6 @@ def describe_schedule(t, step):
         return f"lr schedule: cosine to {t.min_lr:g} at step {end}, then flat at {t.min_lr:g}"
     return (f"lr schedule: flat at {t.min_lr:g} (the cosine ended at step {end}; "
             "train.lr_decay_iters sets another horizon)")
-
-
-def make_optimizer(model, t):
-    """AdamW with weight decay on matrices only (not on biases, norms' gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
 
 
 def configure(yaml_doc, overrides, out, resume=False):
@@ -192,6 +185,7 @@ def train(cfg, out, resume=False, quiet=False):
 
 
 def _train(cfg, out, resume, quiet, interrupt, w):
+    began = time.perf_counter()
     cfg = cfg if resume else fix_schedule(cfg)
     t, m = cfg.train, cfg.model
     ckpt = run.load_checkpoint(out) if resume else None
@@ -205,7 +199,10 @@ def _train(cfg, out, resume, quiet, interrupt, w):
         say(warning)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = GPT(m, tokenizer.vocab_size).to(device)
-    trained = distributed.wrap(model, w, t.parallel, device)  # what the job's steps run
+    trained = distributed.wrap(model, w, t.parallel, device)  # what the job's state lives in
+    # Compiled around the wrapper (DDP then splits the graph at its gradient buckets); the
+    # state dicts are still taken from `trained`, so their keys never carry `_orig_mod.`.
+    forward = compiled(trained) if t.compile else trained
     optimizer = make_optimizer(trained, t)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "float16")
     sampler = BatchSampler(splits["train"], m.block_size, t.batch_size, t.seed, device)
@@ -221,6 +218,8 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     interrupt.check()  # the last moment at which nothing has been written
     metrics = run.MetricsLog(out)
     saved = {"step": step if resumed else None, "config": False}
+    flops = utilisation.flops_per_token(model)
+    peak = utilisation.matmul_peak(device, t.dtype) if w.main else None
 
     def save():
         # Every rank takes part (FSDP gathers the shards); rank 0 writes.
@@ -241,6 +240,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     if resumed:
         if w.main:
             metrics.resume(step)
+            began -= run_seconds(out)  # the curve against time goes on where it stopped
         say(describe_schedule(t, step))
     else:  # the run directory is whole from here: a run that fails later can be resumed
         if w.main:
@@ -251,8 +251,9 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     micro_batches = t.grad_accum * w.size  # of batch_size sequences, drawn as one for the step
     tokens_per_step = t.batch_size * micro_batches * m.block_size
     bar = tqdm(total=t.max_iters, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
-    train_time, start_step, val_loss, stop = 0.0, step, None, False
-    trained.train()
+    clock = StepClock(tokens_per_step)
+    val_loss, stop, compile_s, evaluated = None, False, 0.0, False
+    forward.train()
     try:
         while step < t.max_iters:
             if stop:
@@ -272,7 +273,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
                 with distributed.gradient_sync(trained, i == t.grad_accum - 1):
                     with ready.amp:  # the forward pass alone: backward runs in the forward's dtypes
                         # The loss trained on, the head-diversity penalty included (val is without).
-                        _, loss = trained(x, y, head_diversity=t.head_diversity)
+                        _, loss = forward(x, y, head_diversity=t.head_diversity)
                     scaler.scale(loss / t.grad_accum).backward()
                 loss_value += loss.item() / t.grad_accum
             # One collective: the job's mean loss, and whether any rank was asked to stop.
@@ -289,16 +290,24 @@ def _train(cfg, out, resume, quiet, interrupt, w):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            train_time += time.perf_counter() - tick
-            tokens_per_s = (step - start_step) * tokens_per_step / train_time
+            clock.add(time.perf_counter() - tick)
+            if t.compile and clock.steps == 1:
+                compile_s += clock.first
+                say(f"compiled: the first step took {clock.first:.1f}s (not counted in tokens/s)")
+            tokens_per_s = clock.tokens_per_s()
             bar.update(1)
             if step % t.log_interval == 0 or step == t.max_iters:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if w.main:
-                    metrics.write(step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)
+                    metrics.write(step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s,
+                                  time_s=time.perf_counter() - began)
             if step % t.eval_interval == 0 or step == t.max_iters:
-                val_loss = split_loss(trained, splits["val"], m.block_size, t.batch_size, device,
+                tock = time.perf_counter()
+                val_loss = split_loss(forward, splits["val"], m.block_size, t.batch_size, device,
                                       t.dtype, max_batches=t.eval_iters, seed=t.seed)
+                if t.compile and not evaluated:  # the first evaluation compiles its own graph
+                    compile_s += time.perf_counter() - tock
+                evaluated = True
                 if diverged(val_loss, tokenizer.vocab_size):
                     raise distributed.shared(AttnlmError(
                         f"val loss {val_loss:.4g} at step {step}: the model diverged; stopped, the "
@@ -306,12 +315,18 @@ def _train(cfg, out, resume, quiet, interrupt, w):
                         "train.lr: --resume --set train.lr=...)"))
                 best_val = min(best_val, val_loss)
                 if w.main:
-                    metrics.write(step=step, val_loss=val_loss)
-                say(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+                    metrics.write(step=step, val_loss=val_loss, time_s=time.perf_counter() - began)
+                say(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}; "
+                    f"{tokens_per_s:,.0f} tokens/s, "
+                    f"{utilisation.describe(tokens_per_s, flops, peak, t.dtype, w.size)}")
                 save()
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if w.size > 1 and distributed.is_lost_peer(err):
             raise distributed.lost_peer(err) from None
+        if t.compile and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
+            cause = str(getattr(err, "inner_exception", err)).splitlines()[0]
+            raise AttnlmError(f"torch.compile failed ({cause}); train without it: --set "
+                              "train.compile=false (the last checkpoint is kept)") from None
         if not _out_of_memory(err):
             raise
         raise AttnlmError(
@@ -320,16 +335,53 @@ def _train(cfg, out, resume, quiet, interrupt, w):
         ) from None
     finally:
         bar.close()
+    tokens_per_s = clock.tokens_per_s() if clock.steps else None
     summary = {
         "steps": step, "train_loss": loss_value, "val_loss": val_loss, "best_val_loss": best_val,
-        "tokens_per_s": (step - start_step) * tokens_per_step / train_time if train_time else None,
-        "train_time_s": train_time, "params": model.num_params(), "out": str(out),
+        "tokens_per_s": tokens_per_s, "train_time_s": clock.seconds, "params": model.num_params(),
+        "out": str(out), "wall_s": time.perf_counter() - began,
+        "compile_s": compile_s if t.compile else None,
+        "model_flops_per_token": flops, "matmul_peak_flops": peak, "peak_dtype": t.dtype,
+        "utilisation": utilisation.fraction(tokens_per_s, flops, peak, w.size),
         "val_tokens_per_byte": splits["val"].tokens_per_byte,
         "world_size": w.size, "sequences_per_step": micro_batches * t.batch_size,
     }
     if w.main:
         run.write_summary(out, summary)
     return summary
+
+
+def compiled(module):
+    """module under torch.compile; inductor's code is cached in attnlm's cache directory (unless
+    TORCHINDUCTOR_CACHE_DIR says otherwise), so a second run of the same model compiles faster."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(module)
+
+
+class StepClock:
+    """The seconds the training steps of this process took. The first is kept apart: it holds
+    one-off work (compilation with train.compile, the allocator's first requests), so the
+    throughput counts the others."""
+
+    def __init__(self, tokens_per_step):
+        self.tokens_per_step, self.steps, self.first, self.seconds = tokens_per_step, 0, 0.0, 0.0
+
+    def add(self, seconds):
+        if not self.steps:
+            self.first = seconds
+        self.steps += 1
+        self.seconds += seconds
+
+    def tokens_per_s(self):
+        if self.steps == 1:  # nothing else to go by
+            return self.tokens_per_step / self.first
+        return (self.steps - 1) * self.tokens_per_step / (self.seconds - self.first)
+
+
+def run_seconds(out):
+    """The wall time a resumed run had reached: its last metrics record's time_s (0 for a run
+    trained before attnlm recorded it)."""
+    return next((r["time_s"] for r in reversed(run.read_metrics(out)) if "time_s" in r), 0.0)
 
 
 def random_state(device, w):

@@ -7,14 +7,7 @@ import platform
 
 import torch
 
-
-def cpu_name():
-    """The CPU model as the kernel names it (Linux), else what Python's platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+from attnlm.utilisation import cpu_name
 
 
 def machine():

@@ -129,3 +129,17 @@ def test_a_folder_without_metrics_is_an_input_error(tmp_path):
     (tmp_path / "r" / "config.yaml").write_text("{}")
     result = CliRunner().invoke(cli, ["plot", str(tmp_path / "r")])
     assert result.exit_code == 2 and "holds no metrics.jsonl" in result.stderr
+
+
+def test_loss_curves_against_wall_time(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = fake_run(tmp_path / "a", [(10, 3.0), (20, 2.5)], [(20, 2.6)])
+    rows = [dict(r, time_s=1.5 * (i + 1)) for i, r in
+            enumerate(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plots.loss_curves([run], tmp_path / "loss.png", x="time")
+    assert curves(fig) == {("C0", "-"): ([1.5, 3.0], [3.0, 2.5]), ("C0", "--"): ([4.5], [2.6])}
+    assert fig.axes[0].get_xlabel() == "wall seconds since the run started"
+    old = fake_run(tmp_path / "old", [(10, 3.0)], [])
+    result = CliRunner().invoke(cli, ["plot", str(old), "--x", "time"])
+    assert result.exit_code == 2 and "has no time_s" in result.output

@@ -1,0 +1,95 @@
+"""How close a run comes to the machine's limit: the model's FLOPs per token (nanoGPT's
+estimate), the device's measured matrix-multiply peak (cached), and their ratio to tokens/s."""
+
+import json
+import platform
+import time
+
+import torch
+
+from attnlm.files import atomic_write
+from attnlm.runtime import DTYPES
+from attnlm.token_cache import cache_dir
+
+PEAK_SIZE = 4096  # square matrices: large enough for the device's best kernel, small enough to be quick
+PEAK_FILE = "matmul_peak.json"
+
+
+def flops_per_token(model):
+    """Training FLOPs per token as nanoGPT estimates them (PaLM appendix B): 6·N for the forward
+    and backward products with the weights, plus 12·L·H·Q·T for attention's scores and weighted
+    sum over a full block of T positions (H heads of Q dimensions, L layers). N counts every
+    parameter but the learned position table, which is looked up, not multiplied; the tied token
+    embedding counts once, as the output head's matrix."""
+    c = model.cfg
+    table = model.pos_emb.parameters() if model.pos_emb is not None else ()
+    n = model.num_params() - sum(p.numel() for p in table)
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def cpu_name():
+    """The CPU model as the kernel names it (Linux), else what Python's platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def measure_peak(device, dtype, size=PEAK_SIZE, repeats=3):
+    """FLOP/s of the fastest of `repeats` size x size x size products (after one to warm up)."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tick = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - tick)
+    return 2 * size**3 / best
+
+
+def matmul_peak(device, dtype_name, directory=None):
+    """The device's measured matrix-multiply FLOP/s in dtype_name on this process's threads,
+    measured once per device model, thread count, dtype and torch version and then read from
+    the cache (a figure measured on another CPU means nothing here)."""
+    key = "|".join([device_name(device), device.type, str(torch.get_num_threads()), dtype_name,
+                    torch.__version__])
+    path = (directory or cache_dir()) / PEAK_FILE
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    peak = known.get(key)
+    if isinstance(peak, (int, float)) and peak > 0:
+        return peak
+    known[key] = measure_peak(device, DTYPES[dtype_name])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(known, indent=1))
+    except OSError:
+        pass  # an unwritable cache costs a measurement next time, nothing else
+    return known[key]
+
+
+def fraction(tokens_per_s, flops, peak, processes=1):
+    """The share of the matmul peak of `processes` such devices the run's model FLOPs take."""
+    return tokens_per_s * flops / (peak * processes) if tokens_per_s and peak else None
+
+
+def describe(tokens_per_s, flops, peak, dtype_name, processes=1):
+    """One log line's worth: model TFLOP/s and their share of the measured peak."""
+    share = fraction(tokens_per_s, flops, peak, processes)
+    where = "this device's" if processes == 1 else f"{processes} processes'"
+    return (f"{tokens_per_s * flops / 1e12:.3g} model TFLOP/s"
+            + (f" = {share:.0%} of {where} measured {dtype_name} matmul peak "
+               f"({peak * processes / 1e12:.3g} TFLOP/s)" if share else ""))

@@ -1,0 +1,80 @@
+"""Model FLOPs per token, the measured matmul peak and its cache, and what a run reports."""
+
+import json
+
+import pytest
+import torch
+
+from attnlm import utilisation
+from attnlm.config import build_config
+from attnlm.model import GPT
+from attnlm.train import StepClock, resume_config, train
+from tests.helpers import text_file, tiny_config, train_curve
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_flops_per_token_is_nanogpts_estimate(pos):
+    cfg = build_config(overrides=["model.n_layer=2", "model.n_head=2", "model.n_embd=8",
+                                  "model.block_size=4", f"model.pos={pos}", "model.bias=false"])
+    model = GPT(cfg.model, 10)
+    # By hand, no biases: per layer two LayerNorm gains (8 each), qkv 8x24, proj 8x8, fc 8x32,
+    # proj 32x8; the final norm's gain, the tied 10x8 embedding. The learned 4x8 position
+    # table is looked up, not multiplied: left out.
+    n = 2 * (8 + 8 + 8 * 24 + 8 * 8 + 8 * 32 + 32 * 8) + 8 + 10 * 8
+    assert utilisation.flops_per_token(model) == 6 * n + 12 * 2 * 2 * 4 * 4
+
+
+def test_measure_peak_is_two_n_cubed_over_the_fastest_product(monkeypatch):
+    ticks = iter([0.0, 9.0, 10.0, 12.0, 20.0, 21.0, 30.0, 34.0])  # warm-up 9 s, then 2, 1, 4
+    monkeypatch.setattr(utilisation.time, "perf_counter", lambda: next(ticks))
+    assert utilisation.measure_peak(torch.device("cpu"), torch.float32, size=4) == 2 * 4**3 / 1.0
+
+
+def test_the_peak_is_measured_once_per_dtype_and_threads_then_read(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(utilisation, "measure_peak",
+                        lambda device, dtype: measured.append(dtype) or 1e12 * (len(measured)))
+    cpu = torch.device("cpu")
+    assert utilisation.matmul_peak(cpu, "bfloat16", tmp_path) == 1e12
+    assert utilisation.matmul_peak(cpu, "bfloat16", tmp_path) == 1e12
+    assert utilisation.matmul_peak(cpu, "float32", tmp_path) == 2e12
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert utilisation.matmul_peak(cpu, "float32", tmp_path) == 3e12
+    finally:
+        torch.set_num_threads(threads)
+    assert measured == [torch.bfloat16, torch.float32, torch.float32]
+    (tmp_path / utilisation.PEAK_FILE).write_text("[damaged")
+    assert utilisation.matmul_peak(cpu, "float32", tmp_path) == 4e12  # measured again, not used
+    assert list(json.loads((tmp_path / utilisation.PEAK_FILE).read_text()).values()) == [4e12]
+
+
+def test_the_first_step_is_kept_out_of_the_throughput():
+    clock = StepClock(tokens_per_step=100)
+    clock.add(5.0)  # compilation, say
+    assert clock.tokens_per_s() == 100 / 5.0  # nothing else to go by yet
+    clock.add(1.0)
+    clock.add(3.0)
+    assert clock.tokens_per_s() == 2 * 100 / 4.0 and clock.seconds == 9.0
+
+
+def test_a_run_reports_its_share_of_the_peak_and_its_wall_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(utilisation, "measure_peak", lambda device, dtype: 1e9)
+    monkeypatch.setenv("ATTNLM_CACHE", str(tmp_path / "cache"))  # no figure measured before
+    source = text_file(tmp_path)
+    summary = train(tiny_config(source, "train.max_iters=4", "train.eval_interval=2"),
+                    tmp_path / "run")
+    assert "of this device's measured float32 matmul peak (0.001 TFLOP/s)" in capsys.readouterr().err
+    assert summary["matmul_peak_flops"] == 1e9 and summary["peak_dtype"] == "float32"
+    assert summary["utilisation"] == pytest.approx(
+        summary["tokens_per_s"] * summary["model_flops_per_token"] / 1e9)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    times = [r["time_s"] for r in rows]
+    assert times == sorted(times) and 0 < times[-1] <= summary["wall_s"]
+    # A resumed run's clock goes on from where the run stopped.
+    cfg = resume_config(tmp_path / "run", None, ["train.max_iters=6"])
+    train(cfg, tmp_path / "run", resume=True, quiet=True)
+    later = [json.loads(line)["time_s"] for line in
+             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert later[:len(times)] == times and later == sorted(later) and len(train_curve(tmp_path / "run")) == 6
