@@ -1,6 +1,7 @@
-"""Command line: attnlm train | generate | eval | gather | plot | export | import. Parses, calls
-the library (the Python API in attnlm.api where one serves) and prints; cli_support.Group maps expected errors to
-one line and an exit code (0 ok, 1 runtime, 2 usage/input, 130 interrupt, 141 pipe closed)."""
+"""Command line: attnlm train | generate | eval | inspect | gather | plot | export | import.
+Parses, calls the library (the Python API in attnlm.api where one serves) and prints;
+cli_support.Group maps expected errors to one line and an exit code (0 ok, 1 runtime, 2
+usage/input, 130 interrupt, 141 pipe closed)."""
 
 import json
 
@@ -163,6 +164,38 @@ def evaluate(run, device, threads, as_json, **options):
 
     result = api.eval_run(api.load_run(run, device=device, threads=threads), **options)
     click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--vocab-size", type=positive, default=256, show_default=True,
+              help="Vocabulary of the model built (the random tokens it reads are drawn from it).")
+@click.option("--batch-size", type=positive, default=4, show_default=True,
+              help="Windows of model.block_size random tokens read at once.")
+@click.option("--iterations", type=positive, default=50, show_default=True,
+              help="Power-iteration steps for each block's Jacobian norm.")
+@json_option
+def inspect(config_path, overrides, vocab_size, batch_size, iterations, as_json):
+    """Depth diagnostic: how the model of --config/--set carries signals at initialisation (no
+    run needed; train.seed, train.device and train.threads apply).
+
+    Per block, on windows of random tokens: the RMS of the residual stream entering and leaving
+    it and their ratio, the norm of the loss's gradient reaching its input, and the largest
+    singular value of its input-output Jacobian (power iteration with jvp and vjp). Computed
+    with the naive backend, whose function every backend computes.
+    """
+    from attnlm import propagation
+    from attnlm.runtime import resolve_device, set_threads
+
+    cfg = config_mod.load_config(config_path, overrides)
+    set_threads(cfg.train.threads)
+    model = propagation.initial_model(cfg.model, vocab_size, cfg.train.seed,
+                                      resolve_device(cfg.train.device))
+    tokens = propagation.random_tokens(vocab_size, batch_size, cfg.model.block_size + 1,
+                                       cfg.train.seed)
+    report = propagation.propagation(model, tokens, iterations=iterations, seed=cfg.train.seed)
+    click.echo(json.dumps(report) if as_json else "\n".join(propagation.describe(report)))
 
 
 @cli.command()

@@ -1,6 +1,6 @@
 """The eval pipeline: loss, perplexity and bits per byte of a model on a split of tokens, exact
-match on a synthetic task, attention entropy and maps; `evaluate_run` returns the result the CLI
-prints."""
+match on a synthetic task, attention entropy, head similarity and maps; `evaluate_run` returns
+the result the CLI prints."""
 
 import math
 
@@ -58,7 +58,8 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
     """The eval result (a dict) of a loaded run's model on source or its val split: report()'s
     figures; on a synthetic task, exact match on `examples` held-out prompts; with attention (or
     attention_map, a folder for PNG heat maps, or text), the entropy of each layer's and head's
-    attention on `text` (default: the first block_size tokens of the split)."""
+    attention and the similarity of each layer's heads on `text` (default: the first block_size
+    tokens of the split)."""
     block_size = block_size or cfg.model.block_size
     check_context(cfg.model.pos, cfg.model.block_size, block_size)
     split, name = _text_split(cfg, tokenizer, source)
@@ -75,7 +76,11 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
         if not 0 < len(ids) <= block_size:
             raise InputError(f"--text is {len(ids)} tokens; give 1 to block_size={block_size}")
         maps = diagnostics.attention_of(model, ids)
-        result["attention"] = diagnostics.entropy_report(maps)
+        result["attention"] = {**diagnostics.entropy_report(maps),
+                               **diagnostics.similarity_report(maps)}
+        layers = [s for s in result["attention"]["head_similarity"] if s is not None]
+        # one figure for the table of `attnlm gather`, which leaves out the per-layer lists
+        result["head_similarity"] = sum(layers) / len(layers) if layers else None
         if attention_map:
             from attnlm.plots import attention_maps
 
@@ -98,5 +103,10 @@ def describe(result):
                      f"(uniform attention: {a['max_entropy']:.2f}; log T: {a['log_T']:.2f}):")
         lines += [f"  layer {layer}: " + "  ".join(f"{e:.2f}" for e in heads)
                   for layer, heads in enumerate(a["entropy"])]
+        lines.append("head similarity, 1 - Jensen-Shannon divergence in bits between two heads' "
+                     "weights, mean over query positions 1.. and pairs of heads (1: alike, "
+                     "0: disjoint):")
+        lines += [f"  layer {layer}: " + ("n/a" if s is None else f"{s:.3f}")
+                  for layer, s in enumerate(a["head_similarity"])]
         lines += [f"wrote {path}" for path in a.get("maps", [])]
     return lines
