@@ -1,6 +1,8 @@
 """How a stack of blocks carries signals at initialisation, layer by layer: the growth of the
 residual stream through each block, the gradient that reaches each block's input, and the
-largest singular value of each block's input-output Jacobian (`attnlm inspect`).
+largest singular value of each block's input-output Jacobian (`attnlm inspect`); and the
+gradient reaching each attention layer's query and key weights, which vanishes where the softmax
+saturates (too low a temperature) or goes flat (too high).
 
 A block maps the residual stream x to x + branch(x): its Jacobian is I + J_branch, so a stack
 neither explodes nor vanishes when every block's Jacobian stays near norm 1.
@@ -74,6 +76,14 @@ def random_tokens(vocab_size, batch_size, length, seed):
     return torch.randint(vocab_size, (batch_size, length), generator=generator)
 
 
+def query_key_grad_norm(attn):
+    """The norm of the gradient on the weights that make an attention layer's queries and keys
+    (the rows of its qkv product before the values'): what reaches the scores, and vanishes where
+    the softmax saturates or goes flat."""
+    head_dim = attn.qkv.weight.size(0) // (attn.n_head + 2 * attn.n_kv_head)
+    return attn.qkv.weight.grad[:(attn.n_head + attn.n_kv_head) * head_dim].norm().item()
+
+
 def propagation(model, tokens, *, iterations=50, seed=0):
     """The depth report (a dict) of a model reading tokens (B, T + 1), each window predicting its
     next tokens: per block, the RMS of the residual stream entering and leaving it and their
@@ -86,7 +96,7 @@ def propagation(model, tokens, *, iterations=50, seed=0):
     for i, (block, x, y) in enumerate(zip(model.blocks, entering, leaving)):
         layers.append({
             "layer": i, "rms_in": rms(x), "rms_out": rms(y), "growth": rms(y) / rms(x),
-            "grad_norm": x.grad.norm().item(),
+            "grad_norm": x.grad.norm().item(), "qk_grad_norm": query_key_grad_norm(block.attn),
             "jacobian_norm": jacobian_norm(block, x.detach(), iterations, generator),
         })
     return {"n_layer": len(layers), "residual_scale": model.cfg.residual_scale,
@@ -103,7 +113,8 @@ def describe(report):
              f"{report['uniform_loss']:.3f}); RMS of the residual stream grows "
              f"{report['growth']:.3g}x from the first block's input to the last block's output",
              f"{'layer':>5}  {'RMS in':>9}  {'RMS out':>9}  {'growth':>7}  {'grad norm in':>12}  "
-             f"{'Jacobian norm':>13}"]
+             f"{'grad norm q,k':>13}  {'Jacobian norm':>13}"]
     lines += [f"{r['layer']:>5}  {r['rms_in']:>9.4g}  {r['rms_out']:>9.4g}  {r['growth']:>7.4f}  "
-              f"{r['grad_norm']:>12.4g}  {r['jacobian_norm']:>13.4f}" for r in report["layers"]]
+              f"{r['grad_norm']:>12.4g}  {r['qk_grad_norm']:>13.4g}  {r['jacobian_norm']:>13.4f}"
+              for r in report["layers"]]
     return lines

@@ -70,13 +70,16 @@ def test_each_blocks_jacobian_norm_is_the_largest_singular_value_of_its_full_jac
 
 
 def test_growth_and_gradients_are_those_of_a_direct_computation():
-    model = tiny_model(pos="learned")
+    model = tiny_model(pos="learned", n_kv_head=1)
     tokens = propagation.random_tokens(VOCAB, 3, 5, seed=1)
     report = report_of(model, tokens)
     streams = direct_streams(model, tokens[:, :-1])
     logits = model.head(model.norm(streams[-1]))
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    grads = torch.autograd.grad(loss, streams[:-1])
+    weights = [block.attn.qkv.weight for block in model.blocks]
+    grads = torch.autograd.grad(loss, [*streams[:-1], *weights])
+    # 2 query heads and 1 key/value head of 4 dimensions: q and k are the first 12 of 16 rows
+    qk_grads = [g[:12] for g in grads[len(streams) - 1:]]
     assert report["loss"] == pytest.approx(loss.item(), rel=1e-6)
     for i, layer in enumerate(report["layers"]):
         rms_in, rms_out = (streams[i].pow(2).mean().sqrt().item(),
@@ -84,6 +87,7 @@ def test_growth_and_gradients_are_those_of_a_direct_computation():
         assert layer["rms_in"] == pytest.approx(rms_in, rel=1e-6)
         assert layer["growth"] == pytest.approx(rms_out / rms_in, rel=1e-6)
         assert layer["grad_norm"] == pytest.approx(grads[i].norm().item(), rel=1e-5)
+        assert layer["qk_grad_norm"] == pytest.approx(qk_grads[i].norm().item(), rel=1e-5)
     assert report["growth"] == pytest.approx(rms_out / report["layers"][0]["rms_in"])
 
 
