@@ -138,6 +138,10 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
               help="Read the text in windows of N tokens [default: the trained block_size]. Longer "
                    "than trained tests how the positional scheme extrapolates; learned positions "
                    "cannot.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Place each window N positions later: a model that knows only distances "
+                   "between tokens (rope, alibi, relative, none) scores the same loss; absolute "
+                   "positions (sinusoidal) change it, and learned ones refuse past block_size.")
 @click.option("--examples", type=positive, default=500, show_default=True,
               help="Synthetic tasks: held-out examples to score exact match on.")
 @click.option("--attention", is_flag=True,
