@@ -93,8 +93,9 @@ def head_similarity(probs):
     each pair, 1 - the Jensen-Shannon divergence (bits) of their distributions over the keys,
     averaged over query positions 1..T-1 (query 0 sees key 0 alone: there every head agrees).
     1: the heads attend alike; 0: never to the same keys. NaN for a one-token text."""
-    later = probs[:, 1:].float()
-    return torch.stack([1 - js_divergence(head, later).mean(-1) for head in later])
+    # float64: halving a float32 weight near its smallest (1e-45) would give 0, and log 0 -inf
+    later = probs[:, 1:].double()
+    return torch.stack([1 - js_divergence(head, later).mean(-1) for head in later]).float()
 
 
 def similarity_report(maps):

@@ -165,6 +165,14 @@ def test_similarity_of_a_half_shared_head_by_hand():
     assert diagnostics.similarity_report([probs])["head_similarity"] == pytest.approx([by_hand])
 
 
+def test_similarity_stays_finite_for_weights_at_the_smallest_float32():
+    # Sharp attention leaves weights of 1e-45 (float32's smallest): half of one rounds to 0.
+    tiny = torch.tensor(1e-45)
+    assert tiny > 0 and tiny / 2 == 0
+    probs = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, tiny]]])
+    assert diagnostics.similarity_report([probs])["head_similarity"] == pytest.approx([1.0])
+
+
 def test_similarity_is_none_without_a_pair_or_a_query_to_compare():
     one_head = torch.softmax(torch.randn(1, 4, 4), -1)
     one_token = torch.ones(2, 1, 1)
