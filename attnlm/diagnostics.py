@@ -113,3 +113,24 @@ def similarity_report(maps):
 def _finite(x):
     """x, or None for NaN: JSON has no NaN."""
     return x if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def head_output_similarity(model, ids):
+    """Per layer, the mean cosine similarity between its heads' outputs at the same position
+    (model.head_similarity: what train.head_diversity penalises) on the model reading ids."""
+    from attnlm.model import head_similarity
+
+    device = next(model.parameters()).device
+    found = []
+    hooks = [block.attn.register_forward_hook(lambda layer, args, out: found.append(out[1]))
+             for block in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.tensor([ids], device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [head_similarity(heads).item() for heads in found]

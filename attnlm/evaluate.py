@@ -85,13 +85,16 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
             raise InputError(f"--text is {len(ids)} tokens; give 1 to block_size={block_size}")
         maps = diagnostics.attention_of(model, ids)
         result["attention"] = {**diagnostics.entropy_report(maps),
-                               **diagnostics.similarity_report(maps)}
+                               **diagnostics.similarity_report(maps), "head_output_similarity":
+                               diagnostics.head_output_similarity(model, ids)}
         # Means over the layers (and heads) for the table of `attnlm gather`, which leaves out
         # the per-layer lists.
         entropies = [e for heads in result["attention"]["entropy"] for e in heads]
         result["attention_entropy"] = sum(entropies) / len(entropies)
         layers = [s for s in result["attention"]["head_similarity"] if s is not None]
         result["head_similarity"] = sum(layers) / len(layers) if layers else None
+        outputs = result["attention"]["head_output_similarity"]
+        result["head_output_similarity"] = sum(outputs) / len(outputs)
         if attention_map:
             from attnlm.plots import attention_maps
 
@@ -120,5 +123,8 @@ def describe(result):
                      "0: disjoint):")
         lines += [f"  layer {layer}: " + ("n/a" if s is None else f"{s:.3f}")
                   for layer, s in enumerate(a["head_similarity"])]
+        lines.append("head output similarity, cosine between two heads' outputs at a position, "
+                     "mean over positions and pairs (what train.head_diversity penalises):")
+        lines += [f"  layer {layer}: {s:.3f}" for layer, s in enumerate(a["head_output_similarity"])]
         lines += [f"wrote {path}" for path in a.get("maps", [])]
     return lines

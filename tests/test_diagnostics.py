@@ -195,6 +195,25 @@ def test_eval_reports_head_similarity_with_the_attention(run_dir):
     assert found["attention"]["head_similarity"] == pytest.approx(expected)
     assert found["head_similarity"] == pytest.approx(sum(expected) / 2)
     assert all(0 <= s <= 1 for s in expected)
+    outputs = diagnostics.head_output_similarity(run.model, run.tokenizer.encode("line 1: the"))
+    assert found["attention"]["head_output_similarity"] == pytest.approx(outputs)
+    assert found["head_output_similarity"] == pytest.approx(sum(outputs) / 2)
     text = CliRunner().invoke(cli, ["eval", str(run_dir), "--text", "line 1: the"])
     assert "head similarity" in text.stdout
     assert f"  layer 1: {expected[1]:.3f}" in text.stdout.split("head similarity")[1]
+
+
+def test_head_output_similarity_is_the_mean_cosine_over_pairs_of_heads():
+    model = small_model()
+    ids = torch.arange(10).unsqueeze(0)
+    x = model.tok_emb(ids) + model.pos_emb(0, 10)
+    expected = []
+    with torch.no_grad():
+        for block in model.blocks:
+            _, heads = block.attn(block.norm1(x))  # (1, 4, 10, 8)
+            pairs = [torch.nn.functional.cosine_similarity(heads[:, h], heads[:, g], dim=-1).mean()
+                     for h in range(4) for g in range(h + 1, 4)]
+            expected.append(torch.stack(pairs).mean().item())
+            x = block(x)
+    assert diagnostics.head_output_similarity(model, list(range(10))) == pytest.approx(expected,
+                                                                                        rel=1e-4)
