@@ -171,34 +171,51 @@ def evaluate(run, device, threads, as_json, **options):
 
 
 @cli.command()
+@click.argument("run", required=False)
 @config_option
 @set_option
 @click.option("--vocab-size", type=positive, default=256, show_default=True,
-              help="Vocabulary of the model built (the random tokens it reads are drawn from it).")
+              help="Vocabulary of a new model (the random tokens it reads are drawn from it).")
 @click.option("--batch-size", type=positive, default=4, show_default=True,
-              help="Windows of model.block_size random tokens read at once.")
+              help="Windows of model.block_size tokens read at once.")
 @click.option("--iterations", type=positive, default=50, show_default=True,
               help="Power-iteration steps for each block's Jacobian norm.")
+@machine_options
 @json_option
-def inspect(config_path, overrides, vocab_size, batch_size, iterations, as_json):
-    """Depth diagnostic: how the model of --config/--set carries signals at initialisation (no
-    run needed; train.seed, train.device and train.threads apply).
+def inspect(run, config_path, overrides, vocab_size, batch_size, iterations, device, threads,
+            as_json):
+    """Depth diagnostic: how a model carries signals, block by block. Without RUN, the model of
+    --config/--set at initialisation (seeded by train.seed) reading random tokens; with RUN (a
+    run directory or checkpoint), the trained model reading the first windows of its val text.
 
-    Per block, on windows of random tokens: the RMS of the residual stream entering and leaving
-    it and their ratio, the norm of the loss's gradient reaching its input, and the largest
-    singular value of its input-output Jacobian (power iteration with jvp and vjp). Computed
-    with the naive backend, whose function every backend computes.
+    Per block: the RMS of the residual stream entering and leaving it and their ratio, the norm
+    of the loss's gradient reaching its input and its query and key weights, and the largest
+    singular value of its input-output Jacobian (power iteration with jvp and vjp). Computed on
+    the naive backend, whose function every backend computes.
     """
     from attnlm import propagation
+    from attnlm.data import prepare_training
     from attnlm.runtime import resolve_device, set_threads
 
-    cfg = config_mod.load_config(config_path, overrides)
-    set_threads(cfg.train.threads)
-    model = propagation.initial_model(cfg.model, vocab_size, cfg.train.seed,
-                                      resolve_device(cfg.train.device))
-    tokens = propagation.random_tokens(vocab_size, batch_size, cfg.model.block_size + 1,
-                                       cfg.train.seed)
-    report = propagation.propagation(model, tokens, iterations=iterations, seed=cfg.train.seed)
+    if run and (config_path or overrides or vocab_size != 256):
+        raise InputError("inspect RUN reads the run's own model: --config, --set and "
+                         "--vocab-size are for a new one")
+    if run:
+        loaded = api.load_run(run, device=device, threads=threads)
+        model, seed, text = propagation.naive_copy(loaded.model), loaded.config.train.seed, "text"
+        val = prepare_training(loaded.config, loaded.tokenizer)[1]["val"]
+        tokens = propagation.text_windows(val.tokens, batch_size, model.cfg.block_size + 1)
+    else:
+        # --device and --threads as train.* values: checked as those are
+        cfg = config_mod.load_config(config_path, [*overrides, f"train.device={device}",
+                                                   f"train.threads={threads}"])
+        set_threads(cfg.train.threads)
+        seed, text = cfg.train.seed, "random"
+        model = propagation.initial_model(cfg.model, vocab_size, seed,
+                                          resolve_device(cfg.train.device))
+        tokens = propagation.random_tokens(vocab_size, batch_size, cfg.model.block_size + 1, seed)
+    report = {"model": f"{run} (trained)" if run else "at initialisation", "text": text,
+              **propagation.propagation(model, tokens, iterations=iterations, seed=seed)}
     click.echo(json.dumps(report) if as_json else "\n".join(propagation.describe(report)))
 
 

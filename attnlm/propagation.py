@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from attnlm.errors import InputError
 from attnlm.model import GPT
 
 
@@ -22,6 +23,22 @@ def initial_model(model_cfg, vocab_size, seed, device="cpu"):
     that second derivatives (for the Jacobian's products) run through."""
     torch.manual_seed(seed)
     return GPT(dataclasses.replace(model_cfg, attention="naive"), vocab_size).to(device).eval()
+
+
+def naive_copy(model):
+    """The same model (the same weights) on the naive backend, in eval mode: see initial_model."""
+    copy = GPT(dataclasses.replace(model.cfg, attention="naive"), model.vocab_size)
+    copy.load_state_dict(model.state_dict())
+    return copy.to(next(model.parameters()).device).eval()
+
+
+def text_windows(tokens, batch_size, length):
+    """(batch_size, length) token ids: consecutive windows from the start of a token array, as
+    many as it holds up to batch_size (at least one)."""
+    count = min(batch_size, len(tokens) // length)
+    if count == 0:
+        raise InputError(f"the text has {len(tokens)} tokens; a window needs {length}")
+    return torch.as_tensor(tokens[:count * length]).long().view(count, length)
 
 
 def rms(x):
@@ -107,9 +124,9 @@ def propagation(model, tokens, *, iterations=50, seed=0):
 
 def describe(report):
     """The lines `attnlm inspect` prints for a report of propagation()."""
-    lines = [f"at initialisation, {report['n_layer']} blocks, residual_scale "
+    lines = [f"{report['model']}, {report['n_layer']} blocks, residual_scale "
              f"{report['residual_scale']:g}, on {report['batch_size']} windows of "
-             f"{report['tokens']} random tokens: loss {report['loss']:.3f} (uniform guessing "
+             f"{report['tokens']} {report['text']} tokens: loss {report['loss']:.3f} (uniform guessing "
              f"{report['uniform_loss']:.3f}); RMS of the residual stream grows "
              f"{report['growth']:.3g}x from the first block's input to the last block's output",
              f"{'layer':>5}  {'RMS in':>9}  {'RMS out':>9}  {'growth':>7}  {'grad norm in':>12}  "

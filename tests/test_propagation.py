@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from attnlm import propagation
 from attnlm.cli import cli
 from attnlm.config import ModelConfig
+from attnlm.errors import InputError
 from attnlm.model import GPT
 
 VOCAB = 11
@@ -126,3 +127,35 @@ def test_inspect_refuses_a_bad_config_in_one_line():
                                       "model.n_head=4"])
     assert result.exit_code == 2
     assert result.stderr == "error: model.n_embd=30 is not divisible by model.n_head=4\n"
+
+
+def test_text_windows_are_consecutive_windows_from_the_start():
+    tokens = torch.arange(23, dtype=torch.int32)
+    assert propagation.text_windows(tokens, 4, 5).tolist() == [
+        [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+    assert propagation.text_windows(tokens, 9, 10).shape == (2, 10)
+    with pytest.raises(InputError, match="the text has 23 tokens; a window needs 24"):
+        propagation.text_windows(tokens, 1, 24)
+
+
+def test_inspect_a_trained_run_reads_its_val_text_with_its_weights(tmp_path):
+    from attnlm import api
+    from attnlm.data import prepare_training
+    from tests.helpers import TINY, text_file
+
+    sets = [x for o in [f"data.source={text_file(tmp_path)}", *TINY] for x in ("--set", o)]
+    trained = CliRunner().invoke(cli, ["train", *sets, "--out", str(tmp_path / "run"), "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "run"), "--threads", "1",
+                                      "--batch-size", "2", "--iterations", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["text"] == "text" and report["batch_size"] == 2 and report["tokens"] == 32
+    # The reference: the run's own model (sdpa) on the first two windows of 33 val tokens.
+    run = api.load_run(tmp_path / "run", threads=1)
+    val = prepare_training(run.config, run.tokenizer)[1]["val"].tokens[:66]
+    windows = torch.as_tensor(val).long().view(2, 33)
+    _, loss = run.model(windows[:, :-1], windows[:, 1:])
+    assert report["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    refused = CliRunner().invoke(cli, ["inspect", str(tmp_path / "run"), "--set", "model.n_layer=3"])
+    assert refused.exit_code == 2 and "reads the run's own model" in refused.stderr
