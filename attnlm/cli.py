@@ -206,9 +206,9 @@ def inspect(run, config_path, overrides, vocab_size, batch_size, iterations, dev
         val = prepare_training(loaded.config, loaded.tokenizer)[1]["val"]
         tokens = propagation.text_windows(val.tokens, batch_size, model.cfg.block_size + 1)
     else:
-        # --device and --threads as train.* values: checked as those are
-        cfg = config_mod.load_config(config_path, [*overrides, f"train.device={device}",
-                                                   f"train.threads={threads}"])
+        # --device and --threads as train.* values (checked as those are; --set ones win)
+        cfg = config_mod.load_config(config_path, [f"train.device={device}",
+                                                   f"train.threads={threads}", *overrides])
         set_threads(cfg.train.threads)
         seed, text = cfg.train.seed, "random"
         model = propagation.initial_model(cfg.model, vocab_size, seed,

@@ -2,8 +2,9 @@
 # Claim 1, softmax temperature: scores divided by sqrt(head_dim) keep the softmax at a healthy
 # temperature; training works best in between, and gradients vanish at both extremes.
 # Scores here are divided by attn_temperature x sqrt(head_dim), for each of TEMPS. For each:
-# the gradient reaching the query and key weights at initialisation (attnlm inspect), then a
-# run trained and evaluated; one table (val loss, attention entropy) and the loss curves.
+# the gradient reaching the query and key weights at initialisation (attnlm inspect), a run
+# trained and evaluated, and the same gradient in the trained model on its val text; one table
+# (val loss, attention entropy) and the loss curves.
 #
 #   bash configs/experiments/temperature.sh [OUT]     # OUT defaults to runs/claims/temperature
 #   JOBS=2 TEMPS="0.1 1 10" bash configs/experiments/temperature.sh
@@ -14,10 +15,16 @@ temps=${TEMPS:-0.01 0.1 1 10 100}
 mkdir -p "$out"
 for t in $temps; do
     echo "== attn_temperature=$t at initialisation"
-    $attnlm inspect "${model[@]}" --set model.attn_temperature="$t" --iterations 20 | tee "$out/inspect-$t.txt"
+    $attnlm inspect "${model[@]}" --set model.attn_temperature="$t" --iterations 20 \
+        | tee "$out/inspect-$t.txt"
 done
 for t in $temps; do
     spawn train_eval "$out/temperature-$t" --set model.attn_temperature="$t"
 done
 wait_all
 finish "$out"
+for t in $temps; do
+    echo "== attn_temperature=$t trained"
+    $attnlm inspect "$out/temperature-$t" --threads 1 --iterations 20 \
+        | tee "$out/inspect-trained-$t.txt"
+done
