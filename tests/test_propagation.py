@@ -10,16 +10,9 @@ from attnlm.config import ModelConfig
 from attnlm.errors import InputError
 from attnlm.model import GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 11
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny backward passes: threads would only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed=3, **changes):

@@ -40,6 +40,25 @@ wait_all() {
     pids=()
 }
 
+inspect_each() {  # KEY VALUES...: the depth diagnostic at initialisation for each value of KEY
+    local key=$1 value
+    shift
+    for value in "$@"; do
+        echo "== $key=$value at initialisation"
+        $attnlm inspect "${model[@]}" --set "$key=$value" --iterations 20 \
+            | tee "$out/inspect-$value.txt"
+    done
+}
+
+train_each() {  # KEY NAME VALUES...: a run OUT/NAME-VALUE for each value of KEY, JOBS at a time
+    local key=$1 name=$2 value
+    shift 2
+    for value in "$@"; do
+        spawn train_eval "$out/$name-$value" --set "$key=$value"
+    done
+    wait_all
+}
+
 finish() {  # OUT: one table of the runs under OUT (table.md, table.csv) and their loss curves
     $attnlm gather "$1" --format csv > "$1/table.csv"
     $attnlm gather "$1" --format markdown | tee "$1/table.md"

@@ -10,8 +10,5 @@ source "$(dirname "$0")/common.sh"
 
 out=${1:-runs/claims/diversity}
 mkdir -p "$out"
-for w in ${WEIGHTS:-0 0.1 1}; do
-    spawn train_eval "$out/head_diversity-$w" --set train.head_diversity="$w"
-done
-wait_all
+train_each train.head_diversity head_diversity ${WEIGHTS:-0 0.1 1}
 finish "$out"

@@ -11,10 +11,7 @@ source "$(dirname "$0")/common.sh"
 out=${1:-runs/claims/relative}
 offset=${OFFSET:-64}
 mkdir -p "$out"
-for pos in ${POS:-relative learned sinusoidal none}; do
-    spawn train_eval "$out/pos-$pos" --set model.pos="$pos"
-done
-wait_all
+train_each model.pos pos ${POS:-relative learned sinusoidal none}
 finish "$out"
 for run in "$out"/pos-*; do
     echo "== $run, windows at positions 0.. and $offset.."

@@ -13,13 +13,6 @@ source "$(dirname "$0")/common.sh"
 out=${1:-runs/claims/residual}
 scales=${SCALES:-0.25 1 4}
 mkdir -p "$out"
-for s in $scales; do
-    echo "== residual_scale=$s at initialisation"
-    $attnlm inspect "${model[@]}" --set model.residual_scale="$s" --iterations 20 \
-        | tee "$out/inspect-$s.txt"
-done
-for s in $scales; do
-    spawn train_eval "$out/scale-$s" --set model.residual_scale="$s"
-done
-wait_all
+inspect_each model.residual_scale $scales
+train_each model.residual_scale scale $scales
 finish "$out"

@@ -13,15 +13,8 @@ source "$(dirname "$0")/common.sh"
 out=${1:-runs/claims/temperature}
 temps=${TEMPS:-0.01 0.1 1 10 100}
 mkdir -p "$out"
-for t in $temps; do
-    echo "== attn_temperature=$t at initialisation"
-    $attnlm inspect "${model[@]}" --set model.attn_temperature="$t" --iterations 20 \
-        | tee "$out/inspect-$t.txt"
-done
-for t in $temps; do
-    spawn train_eval "$out/temperature-$t" --set model.attn_temperature="$t"
-done
-wait_all
+inspect_each model.attn_temperature $temps
+train_each model.attn_temperature temperature $temps
 finish "$out"
 for t in $temps; do
     echo "== attn_temperature=$t trained"
