@@ -145,7 +145,8 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
 @click.option("--examples", type=positive, default=500, show_default=True,
               help="Synthetic tasks: held-out examples to score exact match on.")
 @click.option("--attention", is_flag=True,
-              help="Also report each layer's and head's attention entropy on one text.")
+              help="Also report each layer's and head's attention entropy on one text, and how "
+                   "alike each layer's heads attend and output.")
 @click.option("--text", help="The text for --attention and --attention-map (implies --attention) "
                              "[default: the first block_size tokens of the evaluated text].")
 @click.option("--attention-map", type=click.Path(file_okay=False), metavar="DIR",
@@ -162,7 +163,9 @@ def evaluate(run, device, threads, as_json, **options):
 
     --attention reports, per layer and head, the entropy of the attention weights (nats), averaged
     over the text's query positions, beside the most it can be (uniform attention over the keys
-    each query sees). Attention weights show what was gathered, not why the model decided.
+    each query sees), and per layer the similarity of its heads: of their attention weights (1 -
+    Jensen-Shannon divergence in bits, mean over pairs and query positions) and of their outputs
+    (cosine). Attention weights show what was gathered, not why the model decided.
     """
     from attnlm.evaluate import describe
 
@@ -174,8 +177,9 @@ def evaluate(run, device, threads, as_json, **options):
 @click.argument("run", required=False)
 @config_option
 @set_option
-@click.option("--vocab-size", type=positive, default=256, show_default=True,
-              help="Vocabulary of a new model (the random tokens it reads are drawn from it).")
+@click.option("--vocab-size", type=positive,
+              help="Vocabulary of a new model (the random tokens it reads are drawn from it) "
+                   "[default: 256].")
 @click.option("--batch-size", type=positive, default=4, show_default=True,
               help="Windows of model.block_size tokens read at once.")
 @click.option("--iterations", type=positive, default=50, show_default=True,
@@ -197,7 +201,7 @@ def inspect(run, config_path, overrides, vocab_size, batch_size, iterations, dev
     from attnlm.data import prepare_training
     from attnlm.runtime import resolve_device, set_threads
 
-    if run and (config_path or overrides or vocab_size != 256):
+    if run and (config_path or overrides or vocab_size):
         raise InputError("inspect RUN reads the run's own model: --config, --set and "
                          "--vocab-size are for a new one")
     if run:
@@ -206,6 +210,7 @@ def inspect(run, config_path, overrides, vocab_size, batch_size, iterations, dev
         val = prepare_training(loaded.config, loaded.tokenizer)[1]["val"]
         tokens = propagation.text_windows(val.tokens, batch_size, model.cfg.block_size + 1)
     else:
+        vocab_size = vocab_size or 256
         # --device and --threads as train.* values (checked as those are; --set ones win)
         cfg = config_mod.load_config(config_path, [f"train.device={device}",
                                                    f"train.threads={threads}", *overrides])
