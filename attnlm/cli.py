@@ -1,6 +1,7 @@
-"""Command line: attnlm train | generate | eval | gather | plot | export | import. Parses, calls
-the library (the Python API in attnlm.api where one serves) and prints; cli_support.Group maps expected errors to
-one line and an exit code (0 ok, 1 runtime, 2 usage/input, 130 interrupt, 141 pipe closed)."""
+"""Command line: attnlm train | generate | eval | inspect | gather | plot | export | import.
+Parses, calls the library (the Python API in attnlm.api where one serves) and prints;
+cli_support.Group maps expected errors to one line and an exit code (0 ok, 1 runtime, 2
+usage/input, 130 interrupt, 141 pipe closed)."""
 
 import json
 
@@ -137,10 +138,15 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
               help="Read the text in windows of N tokens [default: the trained block_size]. Longer "
                    "than trained tests how the positional scheme extrapolates; learned positions "
                    "cannot.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Place each window N positions later: a model that knows only distances "
+                   "between tokens (rope, alibi, relative, none) scores the same loss; absolute "
+                   "positions (sinusoidal) change it, and learned ones refuse past block_size.")
 @click.option("--examples", type=positive, default=500, show_default=True,
               help="Synthetic tasks: held-out examples to score exact match on.")
 @click.option("--attention", is_flag=True,
-              help="Also report each layer's and head's attention entropy on one text.")
+              help="Also report each layer's and head's attention entropy on one text, and how "
+                   "alike each layer's heads attend and output.")
 @click.option("--text", help="The text for --attention and --attention-map (implies --attention) "
                              "[default: the first block_size tokens of the evaluated text].")
 @click.option("--attention-map", type=click.Path(file_okay=False), metavar="DIR",
@@ -157,12 +163,65 @@ def evaluate(run, device, threads, as_json, **options):
 
     --attention reports, per layer and head, the entropy of the attention weights (nats), averaged
     over the text's query positions, beside the most it can be (uniform attention over the keys
-    each query sees). Attention weights show what was gathered, not why the model decided.
+    each query sees), and per layer the similarity of its heads: of their attention weights (1 -
+    Jensen-Shannon divergence in bits, mean over pairs and query positions) and of their outputs
+    (cosine). Attention weights show what was gathered, not why the model decided.
     """
     from attnlm.evaluate import describe
 
     result = api.eval_run(api.load_run(run, device=device, threads=threads), **options)
     click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))
+
+
+@cli.command()
+@click.argument("run", required=False)
+@config_option
+@set_option
+@click.option("--vocab-size", type=positive,
+              help="Vocabulary of a new model (the random tokens it reads are drawn from it) "
+                   "[default: 256].")
+@click.option("--batch-size", type=positive, default=4, show_default=True,
+              help="Windows of model.block_size tokens read at once.")
+@click.option("--iterations", type=positive, default=50, show_default=True,
+              help="Power-iteration steps for each block's Jacobian norm.")
+@machine_options
+@json_option
+def inspect(run, config_path, overrides, vocab_size, batch_size, iterations, device, threads,
+            as_json):
+    """Depth diagnostic: how a model carries signals, block by block. Without RUN, the model of
+    --config/--set at initialisation (seeded by train.seed) reading random tokens; with RUN (a
+    run directory or checkpoint), the trained model reading the first windows of its val text.
+
+    Per block: the RMS of the residual stream entering and leaving it and their ratio, the norm
+    of the loss's gradient reaching its input and its query and key weights, and the largest
+    singular value of its input-output Jacobian (power iteration with jvp and vjp). Computed on
+    the naive backend, whose function every backend computes.
+    """
+    from attnlm import propagation
+    from attnlm.data import prepare_training
+    from attnlm.runtime import resolve_device, set_threads
+
+    if run and (config_path or overrides or vocab_size):
+        raise InputError("inspect RUN reads the run's own model: --config, --set and "
+                         "--vocab-size are for a new one")
+    if run:
+        loaded = api.load_run(run, device=device, threads=threads)
+        model, seed, text = propagation.naive_copy(loaded.model), loaded.config.train.seed, "text"
+        val = prepare_training(loaded.config, loaded.tokenizer)[1]["val"]
+        tokens = propagation.text_windows(val.tokens, batch_size, model.cfg.block_size + 1)
+    else:
+        vocab_size = vocab_size or 256
+        # --device and --threads as train.* values (checked as those are; --set ones win)
+        cfg = config_mod.load_config(config_path, [f"train.device={device}",
+                                                   f"train.threads={threads}", *overrides])
+        set_threads(cfg.train.threads)
+        seed, text = cfg.train.seed, "random"
+        model = propagation.initial_model(cfg.model, vocab_size, seed,
+                                          resolve_device(cfg.train.device))
+        tokens = propagation.random_tokens(vocab_size, batch_size, cfg.model.block_size + 1, seed)
+    report = {"model": f"{run} (trained)" if run else "at initialisation", "text": text,
+              **propagation.propagation(model, tokens, iterations=iterations, seed=seed)}
+    click.echo(json.dumps(report) if as_json else "\n".join(propagation.describe(report)))
 
 
 @cli.command()

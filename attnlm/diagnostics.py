@@ -1,4 +1,5 @@
-"""Seeing inside: the attention probabilities of one forward pass, and their entropy.
+"""Seeing inside: the attention probabilities of one forward pass, their entropy, and how
+alike the heads of a layer attend.
 
 Attention weights show what each position gathered from which others, not why the model
 decided what it did: the values gathered are transformed further by later layers and the MLPs.
@@ -73,3 +74,63 @@ def entropy_report(maps):
         "max_entropy": uniform_causal_entropy(length),
         "log_T": math.log(length),
     }
+
+
+def js_divergence(p, q):
+    """Jensen-Shannon divergence in bits between distributions along the last axis: 0 for equal
+    distributions, 1 for distributions with no key in common."""
+    mean = (p + q) / 2
+    return (_kl(p, mean) + _kl(q, mean)) / (2 * math.log(2))
+
+
+def _kl(p, q):
+    """Kullback-Leibler divergence in nats along the last axis (0 log 0 counts as 0)."""
+    return (torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum(-1)
+
+
+def head_similarity(probs):
+    """(H, H) similarity of one layer's heads from its (H, T, T) attention probabilities: for
+    each pair, 1 - the Jensen-Shannon divergence (bits) of their distributions over the keys,
+    averaged over query positions 1..T-1 (query 0 sees key 0 alone: there every head agrees).
+    1: the heads attend alike; 0: never to the same keys. NaN for a one-token text."""
+    # float64: halving a float32 weight near its smallest (1e-45) would give 0, and log 0 -inf
+    later = probs[:, 1:].double()
+    return torch.stack([1 - js_divergence(head, later).mean(-1) for head in later]).float()
+
+
+def similarity_report(maps):
+    """Per layer, the mean similarity over its pairs of heads (head_similarity), and the
+    (H, H) similarities of each pair (head_similarity_pairs); None where there is no pair of
+    heads or no query after the first."""
+    pairs = [head_similarity(probs) for probs in maps]
+    means = [s[~torch.eye(len(s), dtype=torch.bool)].mean().item() if len(s) > 1 else math.nan
+             for s in pairs]
+    return {"head_similarity": [_finite(m) for m in means],
+            "head_similarity_pairs": [[[_finite(x) for x in row] for row in s.tolist()]
+                                      for s in pairs]}
+
+
+def _finite(x):
+    """x, or None for NaN: JSON has no NaN."""
+    return x if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def head_output_similarity(model, ids):
+    """Per layer, the mean cosine similarity between its heads' outputs at the same position
+    (model.head_similarity: what train.head_diversity penalises) on the model reading ids."""
+    from attnlm.model import head_similarity
+
+    device = next(model.parameters()).device
+    found = []
+    hooks = [block.attn.register_forward_hook(lambda layer, args, out: found.append(out[1]))
+             for block in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.tensor([ids], device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [head_similarity(heads).item() for heads in found]

@@ -15,3 +15,13 @@ def token_cache(tmp_path_factory, monkeypatch):
     path = tmp_path_factory.getbasetemp() / "token-cache"
     monkeypatch.setenv("ATTNLM_CACHE", str(path))
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Small models gain nothing from threads, and a busy machine makes them much slower:
+    `pytestmark = pytest.mark.usefixtures("one_thread")` in a module runs its tests on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

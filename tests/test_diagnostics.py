@@ -135,3 +135,85 @@ def test_a_map_figure_shows_the_weights_of_each_head():
     for head, image in enumerate(images):
         assert torch.allclose(torch.as_tensor(image.get_array()), maps[1][head])
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list("abcdef")
+
+
+def test_jensen_shannon_divergence_in_bits_by_hand():
+    one, half = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])
+    # mean (0.75, 0.25): KL(one) = log2(4/3), KL(half) = (log2(2/3) + log2(2)) / 2
+    by_hand = (math.log2(4 / 3) + (math.log2(2 / 3) + 1) / 2) / 2
+    assert diagnostics.js_divergence(one, half).item() == pytest.approx(by_hand)
+    assert diagnostics.js_divergence(half, half).item() == pytest.approx(0.0, abs=1e-7)
+    assert diagnostics.js_divergence(one, torch.tensor([0.0, 1.0])).item() == pytest.approx(1.0)
+
+
+def test_identical_heads_are_similar_1_and_heads_on_disjoint_keys_0():
+    # Three heads over 3 positions; query 0 sees key 0 alone and is left out. Heads 0 and 1
+    # look at key 0 from every query, head 2 at the query's own position (1, then 2).
+    probs = torch.zeros(3, 3, 3)
+    probs[:2, :, 0] = 1.0
+    probs[2, [0, 1, 2], [0, 1, 2]] = 1.0
+    pairs = diagnostics.head_similarity(probs)
+    assert torch.allclose(pairs, torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]]), atol=1e-6)
+    report = diagnostics.similarity_report([probs, probs[:2]])
+    assert report["head_similarity"] == pytest.approx([1 / 3, 1.0])  # mean over the pairs
+
+
+def test_similarity_of_a_half_shared_head_by_hand():
+    # Query 1: head 0 all on key 0, head 1 half on each key: 1 - 0.311 bits (as above).
+    probs = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.5, 0.5]]])
+    by_hand = 1 - (math.log2(4 / 3) + (math.log2(2 / 3) + 1) / 2) / 2
+    assert diagnostics.similarity_report([probs])["head_similarity"] == pytest.approx([by_hand])
+
+
+def test_similarity_stays_finite_for_weights_at_the_smallest_float32():
+    # Sharp attention leaves weights of 1e-45 (float32's smallest): half of one rounds to 0.
+    tiny = torch.tensor(1e-45)
+    assert tiny > 0 and tiny / 2 == 0
+    probs = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, tiny]]])
+    assert diagnostics.similarity_report([probs])["head_similarity"] == pytest.approx([1.0])
+
+
+def test_similarity_is_none_without_a_pair_or_a_query_to_compare():
+    one_head = torch.softmax(torch.randn(1, 4, 4), -1)
+    one_token = torch.ones(2, 1, 1)
+    report = diagnostics.similarity_report([one_head])
+    assert report["head_similarity"] == [None]
+    report = diagnostics.similarity_report([one_token])
+    assert report["head_similarity"] == [None]
+    assert report["head_similarity_pairs"] == [[[None, None], [None, None]]]
+
+
+def test_eval_reports_head_similarity_with_the_attention(run_dir):
+    result = CliRunner().invoke(cli, ["eval", str(run_dir), "--text", "line 1: the", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    from attnlm import api
+
+    run = api.load_run(run_dir)
+    maps = diagnostics.attention_of(run.model, run.tokenizer.encode("line 1: the"))
+    expected = [diagnostics.head_similarity(probs)[0, 1].item() for probs in maps]  # 2 heads
+    assert found["attention"]["head_similarity"] == pytest.approx(expected)
+    assert found["head_similarity"] == pytest.approx(sum(expected) / 2)
+    assert all(0 <= s <= 1 for s in expected)
+    outputs = diagnostics.head_output_similarity(run.model, run.tokenizer.encode("line 1: the"))
+    assert found["attention"]["head_output_similarity"] == pytest.approx(outputs)
+    assert found["head_output_similarity"] == pytest.approx(sum(outputs) / 2)
+    text = CliRunner().invoke(cli, ["eval", str(run_dir), "--text", "line 1: the"])
+    assert "head similarity" in text.stdout
+    assert f"  layer 1: {expected[1]:.3f}" in text.stdout.split("head similarity")[1]
+
+
+def test_head_output_similarity_is_the_mean_cosine_over_pairs_of_heads():
+    model = small_model()
+    ids = torch.arange(10).unsqueeze(0)
+    x = model.tok_emb(ids) + model.pos_emb(0, 10)
+    expected = []
+    with torch.no_grad():
+        for block in model.blocks:
+            _, heads = block.attn(block.norm1(x))  # (1, 4, 10, 8)
+            pairs = [torch.nn.functional.cosine_similarity(heads[:, h], heads[:, g], dim=-1).mean()
+                     for h in range(4) for g in range(h + 1, 4)]
+            expected.append(torch.stack(pairs).mean().item())
+            x = block(x)
+    assert diagnostics.head_output_similarity(model, list(range(10))) == pytest.approx(expected,
+                                                                                        rel=1e-4)

@@ -18,6 +18,8 @@ from attnlm.sampling import Controls, complete, generate
 from attnlm.train import train
 from tests.helpers import text_file, tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BLOCK = 16
 TEXT = "".join(f"line {i}: the quick brown fox — naïve café, 1€ — jumps.\n" for i in range(40))
 
@@ -27,15 +29,6 @@ def backend_params():
     return [pytest.param(name, marks=pytest.mark.skipif(
         backend.cuda_only and not torch.cuda.is_available(), reason="needs CUDA"))
         for name, backend in BACKENDS.items()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models gain nothing from threads, and a busy machine makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
