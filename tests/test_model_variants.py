@@ -198,3 +198,25 @@ def test_variants_train_save_and_load(tmp_path, overrides):
     assert losses[-1] < losses[0] - 0.3, losses  # it learns
     loaded, *_ = load_model(tmp_path / "run")
     assert loaded.cfg == cfg.model and math.isfinite(summary["val_loss"])
+
+
+def test_additive_scores_are_the_direct_formula():
+    from attnlm.attention import naive
+
+    g = torch.Generator().manual_seed(3)
+    q, k, w = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(4, 8, generator=g)
+    keys = k.repeat_interleave(2, dim=1)
+    direct = torch.einsum("bhijd,hd->bhij", torch.tanh(q[:, :, :, None] + keys[:, :, None]), w)
+    torch.testing.assert_close(naive.scores(q, k, causal=False, scale=0.5, additive=w), 0.5 * direct)
+
+
+def test_the_relative_bias_depends_on_distance_alone():
+    from attnlm.attention.masks import relative_bias, relative_buckets
+
+    table = torch.randn(3, 8)
+    relative = (table, relative_buckets(40, 8, 16))
+    short, long = relative_bias(relative, 10, 10, True), relative_bias(relative, 30, 30, True)
+    for shift in (1, 7, 20):
+        torch.testing.assert_close(long[:, shift:shift + 10, shift:shift + 10], short)
+    # By hand: distance 2 is bucket 2; distances 16 and beyond share the last bucket.
+    assert torch.equal(short[:, 5, 3], table[:, 2]) and torch.equal(long[:, 29, 0], table[:, 7])
