@@ -98,7 +98,9 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
 
     The context window is the model's block_size tokens: a longer prompt keeps its last
     block_size tokens (with a warning). Once the window is full, generation keeps its last half
-    (block_size // 2 tokens) and goes on from there, with or without --no-cache.
+    (block_size // 2 tokens) and goes on from there, with or without --no-cache. A model
+    whose every layer has a sliding window (and positions other than learned) never crops: it
+    generates without end, its cache a ring of window positions per layer.
     """
     import time
 
