@@ -50,3 +50,13 @@ def slow_dtype_warning(device, dtype_name):
     if native:
         return None
     return "warning: this CPU has no bfloat16 instructions; train.dtype=float32 is likely faster"
+
+
+def compiled(module, dynamic=None):
+    """module under torch.compile. Inductor's compiled code is cached in attnlm's cache directory
+    (one's own, not a shared temporary one; unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a
+    second run of the same model compiles faster."""
+    from attnlm.token_cache import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(module, dynamic=dynamic)

@@ -14,12 +14,12 @@ last tokens that the windows of all layers together reach back to: the same logi
 pass over the whole text.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from attnlm.model import layer_windows
+from attnlm.runtime import compiled
 
 @dataclass(frozen=True)
 class Controls:
@@ -240,17 +240,6 @@ class Sample:
     finish: str = "length"  # length (max_new_tokens reached), stop (a stop string) or eos
 
 
-def compiled(model):
-    """model under torch.compile (inductor, gpt-fast's approach): the same tokens, faster steps
-    once compiled. Dynamic shapes, so that one graph serves every prompt and cache length rather
-    than one compile per length. Inductor's compiled code goes to attnlm's cache directory (one's
-    own, not a shared temporary directory), unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
-    from attnlm.token_cache import cache_dir
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    return torch.compile(model, dynamic=True)
-
-
 def complete(model, tokenizer, prompt_ids, max_new_tokens, controls=Controls(), *, num_samples=1,
              seed=0, stop=(), use_cache=True, compile=False, on_text=None):
     """Continue prompt_ids num_samples times in one batch (one forward pass a step for all).
@@ -263,7 +252,7 @@ def complete(model, tokenizer, prompt_ids, max_new_tokens, controls=Controls(), 
     """
     device = next(model.parameters()).device
     if compile:
-        model = compiled(model)
+        model = compiled(model, dynamic=True)  # one graph for every prompt and cache length
     prompt = torch.tensor([prompt_ids], device=device)
     generator = torch.Generator(device).manual_seed(seed)
     eos_id = getattr(tokenizer, "eos_id", None)

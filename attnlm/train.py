@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from attnlm.evaluate import split_loss
 from attnlm.interrupt import Interrupted, deferred_interrupts
 from attnlm.model import GPT
 from attnlm.optim import make_optimizer
-from attnlm.runtime import autocast, resolve_device, set_threads, slow_dtype_warning
-from attnlm.token_cache import cache_dir
+from attnlm.runtime import autocast, compiled, resolve_device, set_threads, slow_dtype_warning
 
 OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator")  # the CPU's RuntimeError
 
@@ -349,13 +347,6 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     if w.main:
         run.write_summary(out, summary)
     return summary
-
-
-def compiled(module):
-    """module under torch.compile; inductor's code is cached in attnlm's cache directory (unless
-    TORCHINDUCTOR_CACHE_DIR says otherwise), so a second run of the same model compiles faster."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    return torch.compile(module)
 
 
 class StepClock:
