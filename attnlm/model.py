@@ -41,8 +41,16 @@ def mlp_width(cfg):
     return 4 * cfg.n_embd
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its gain in the input's dtype: under autocast, queries and keys arrive in
+    bfloat16, and a float32 gain sends torch to its slow unfused path (with a warning)."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def norm(cfg, dim):
-    return nn.RMSNorm(dim, eps=RMS_EPS) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, bias=cfg.bias)
+    return RMSNorm(dim, eps=RMS_EPS) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, bias=cfg.bias)
 
 
 def dropout(p):
@@ -71,8 +79,8 @@ class Attention(nn.Module):
         self.attend = get_backend(cfg.attention)
         self.attn_dropout = cfg.attn_dropout
         self.rotary = Rotary(head_dim, cfg.rope_base) if cfg.pos == "rope" else None
-        self.q_norm = nn.RMSNorm(head_dim, eps=RMS_EPS) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim, eps=RMS_EPS) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(head_dim, eps=RMS_EPS) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=RMS_EPS) if cfg.qk_norm else None
         self.relative = (RelativeBias(cfg.n_head, cfg.rel_buckets, cfg.rel_max_distance)
                          if cfg.pos == "relative" else None)
         # Additive (Bahdanau) scoring: w_h · tanh(q + k), one w per head.

@@ -4,12 +4,13 @@ weights, residual scaling as scaled output projections, QK-norm's invariance to 
 queries and keys, and the head-similarity penalty against hand-computed values."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from attnlm.config import build_config
-from attnlm.model import GPT, head_similarity, kv_heads, layer_windows, mlp_width
+from attnlm.model import GPT, RMSNorm, head_similarity, kv_heads, layer_windows, mlp_width
 from attnlm.run import load_model
 from attnlm.train import train
 from tests.helpers import text_file, tiny_config, train_curve
@@ -220,3 +221,20 @@ def test_the_relative_bias_depends_on_distance_alone():
         torch.testing.assert_close(long[:, shift:shift + 10, shift:shift + 10], short)
     # By hand: distance 2 is bucket 2; distances 16 and beyond share the last bucket.
     assert torch.equal(short[:, 5, 3], table[:, 2]) and torch.equal(long[:, 29, 0], table[:, 7])
+
+
+def test_rmsnorm_under_bfloat16_autocast_takes_the_fused_path_and_matches_float32():
+    """Queries and keys reach QK-norm in bfloat16 under autocast; a float32 gain would make torch
+    warn and fall back to its unfused kernel."""
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = norm(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(got.float(), want.detach(), rtol=2e-2, atol=2e-2)
