@@ -55,23 +55,26 @@ def entropy(probs):
     return -torch.special.xlogy(probs, probs).sum(-1)
 
 
-def uniform_causal_entropy(length):
-    """The mean over query positions i = 0..T-1 of log(i + 1): the entropy that attention spread
-    evenly over every visible key scores, and the most any causal attention can (= log(T!) / T)."""
-    return math.lgamma(length + 1) / length
+def uniform_entropy(length, window=0):
+    """The mean over query positions i = 0..T-1 of log(the number of keys query i sees): i + 1,
+    at most `window` in a windowed layer (0: no window). The entropy of attention spread evenly
+    over every visible key, the most any such attention can score (log(T!) / T when full)."""
+    seen = min(window, length) if window else length
+    return (math.lgamma(seen + 1) + (length - seen) * math.log(seen)) / length
 
 
-def entropy_report(maps):
+def entropy_report(maps, windows):
     """Attention entropy per layer and head, each the mean over the text's T query positions of
-    the entropy of that query's distribution over the keys it sees (query i sees i + 1 keys).
+    the entropy of that query's distribution over the keys it sees (windows: each layer's window,
+    0 for full causal attention).
 
-    max_entropy is the same mean for uniform attention, the largest possible; log_T is the
-    largest a single query can reach, the last one, which sees all T keys."""
+    max_entropy is, per layer, the same mean for uniform attention, the largest possible; log_T
+    is the largest a single query of a full layer can reach, the last one, which sees all T keys."""
     length = maps[0].size(-1)
     return {
         "tokens": length,
         "entropy": [entropy(probs).mean(-1).tolist() for probs in maps],
-        "max_entropy": uniform_causal_entropy(length),
+        "max_entropy": [uniform_entropy(length, window) for window in windows],
         "log_T": math.log(length),
     }
 

@@ -9,6 +9,7 @@ import torch
 from attnlm import diagnostics, tasks
 from attnlm.data import BatchSampler, prepare_source, prepare_training, windows
 from attnlm.errors import InputError
+from attnlm.model import layer_windows
 from attnlm.positional import check_context
 from attnlm.runtime import autocast
 
@@ -84,7 +85,7 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
         if not 0 < len(ids) <= block_size:
             raise InputError(f"--text is {len(ids)} tokens; give 1 to block_size={block_size}")
         maps = diagnostics.attention_of(model, ids)
-        result["attention"] = {**diagnostics.entropy_report(maps),
+        result["attention"] = {**diagnostics.entropy_report(maps, layer_windows(model.cfg)),
                                **diagnostics.similarity_report(maps), "head_output_similarity":
                                diagnostics.head_output_similarity(model, ids)}
         # Means over the layers (and heads) for the table of `attnlm gather`, which leaves out
@@ -115,9 +116,10 @@ def describe(result):
     if "attention" in result:
         a = result["attention"]
         lines.append(f"attention entropy in nats, mean over {a['tokens']} query positions "
-                     f"(uniform attention: {a['max_entropy']:.2f}; log T: {a['log_T']:.2f}):")
-        lines += [f"  layer {layer}: " + "  ".join(f"{e:.2f}" for e in heads)
-                  for layer, heads in enumerate(a["entropy"])]
+                     f"per head, and for uniform attention over the keys each query sees, the "
+                     f"most it can be (log T: {a['log_T']:.2f}):")
+        lines += [f"  layer {layer}: " + "  ".join(f"{e:.2f}" for e in heads) + f"  (uniform {top:.2f})"
+                  for layer, (heads, top) in enumerate(zip(a["entropy"], a["max_entropy"]))]
         lines.append("head similarity, 1 - Jensen-Shannon divergence in bits between two heads' "
                      "weights, mean over query positions 1.. and pairs of heads (1: alike, "
                      "0: disjoint):")

@@ -27,7 +27,12 @@ def test_equal_scores_give_uniform_attention_over_the_visible_keys():
     causal = diagnostics.entropy(naive.probabilities(q, k, causal=True, scale=0.5)).squeeze()
     assert causal.tolist() == pytest.approx([math.log(i + 1) for i in range(10)])
     by_hand = sum(math.log(i + 1) for i in range(10)) / 10
-    assert diagnostics.uniform_causal_entropy(10) == pytest.approx(by_hand)
+    assert diagnostics.uniform_entropy(10) == pytest.approx(by_hand)
+    assert diagnostics.uniform_entropy(10, window=20) == pytest.approx(by_hand)
+    windowed = diagnostics.entropy(naive.probabilities(q, k, causal=True, scale=0.5, window=3))
+    by_hand = (math.log(1) + math.log(2) + 8 * math.log(3)) / 10  # query i sees min(i + 1, 3) keys
+    assert windowed.mean().item() == pytest.approx(by_hand)
+    assert diagnostics.uniform_entropy(10, window=3) == pytest.approx(by_hand)
 
 
 @pytest.mark.parametrize("slopes", [None, torch.tensor([0.5, 0.25, 0.125])])
@@ -40,9 +45,10 @@ def test_probabilities_are_those_the_naive_backend_uses(slopes):
     assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 5))
 
 
-def small_model(attention="sdpa", pos="learned"):
+def small_model(attention="sdpa", pos="learned", **options):
     torch.manual_seed(0)
-    cfg = ModelConfig(block_size=32, n_layer=2, n_head=4, n_embd=32, attention=attention, pos=pos)
+    cfg = ModelConfig(block_size=32, n_layer=2, n_head=4, n_embd=32, attention=attention, pos=pos,
+                      **options)
     return GPT(cfg, vocab_size=20).eval()
 
 
@@ -61,22 +67,26 @@ def test_capturing_changes_no_output_and_restores_the_backend(attention, pos):
 
 
 def test_attention_with_no_query_signal_scores_the_maximum():
-    model = small_model()
+    # layer 0 windowed to 5 keys, layer 1 full: each reaches its own maximum
+    model = small_model(window=5, window_pattern="SL")
     for block in model.blocks:  # queries and keys all zero: every score equal
         torch.nn.init.zeros_(block.attn.qkv.weight)
-    report = diagnostics.entropy_report(diagnostics.attention_of(model, list(range(20))))
+    report = diagnostics.entropy_report(diagnostics.attention_of(model, list(range(20))), [5, 0])
     assert report["tokens"] == 20 and report["log_T"] == pytest.approx(math.log(20))
-    assert report["max_entropy"] == pytest.approx(sum(math.log(i + 1) for i in range(20)) / 20)
-    for layer in report["entropy"]:
-        assert layer == pytest.approx([report["max_entropy"]] * 4)
+    windowed = (sum(math.log(i + 1) for i in range(5)) + 15 * math.log(5)) / 20
+    full = sum(math.log(i + 1) for i in range(20)) / 20
+    assert report["max_entropy"] == pytest.approx([windowed, full])
+    for layer, top in zip(report["entropy"], report["max_entropy"]):
+        assert layer == pytest.approx([top] * 4)
 
 
 def test_at_initialisation_attention_is_nearly_uniform():
     model = small_model()
-    report = diagnostics.entropy_report(diagnostics.attention_of(model, torch.randint(20, (32,)).tolist()))
-    for layer in report["entropy"]:
+    report = diagnostics.entropy_report(diagnostics.attention_of(model, torch.randint(20, (32,)).tolist()),
+                                        [0, 0])
+    for layer, top in zip(report["entropy"], report["max_entropy"]):
         for head in layer:
-            assert 0.98 * report["max_entropy"] < head <= report["max_entropy"] + 1e-6
+            assert 0.98 * top < head <= top + 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +103,10 @@ def test_eval_reports_entropy_per_layer_and_head(run_dir):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["attention"]
     assert report["tokens"] == 32  # the first block_size tokens of the val split
-    assert report["max_entropy"] == pytest.approx(math.lgamma(33) / 32)
+    assert report["max_entropy"] == pytest.approx([math.lgamma(33) / 32] * 2)
     assert len(report["entropy"]) == 2 and all(len(heads) == 2 for heads in report["entropy"])
-    assert all(0 <= e <= report["max_entropy"] + 1e-6 for heads in report["entropy"] for e in heads)
+    assert all(0 <= e <= top + 1e-6 for heads, top in zip(report["entropy"], report["max_entropy"])
+               for e in heads)
     text = CliRunner().invoke(cli, ["eval", str(run_dir), "--attention", "--text", "line 1: the"])
     assert "mean over 11 query positions" in text.stdout and "layer 1:" in text.stdout
     implied = CliRunner().invoke(cli, ["eval", str(run_dir), "--text", "line 1: the"])
@@ -128,7 +139,7 @@ def test_a_map_figure_shows_the_weights_of_each_head():
     from attnlm.plots import attention_figure
 
     maps = diagnostics.attention_of(small_model(), list(range(6)))
-    report = diagnostics.entropy_report(maps)
+    report = diagnostics.entropy_report(maps, [0, 0])
     fig = attention_figure(maps[1], report["entropy"][1], list("abcdef"), layer=1)
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == 4
