@@ -116,4 +116,4 @@ def test_training_steps_reuse_freed_memory_without_page_faults():
     kept, faults = last_steps("keep")
     assert kept == "True" and sorted(faults)[1] < 1000  # now and then one more block is mapped
     _, faults = last_steps("default")
-    assert min(faults) > 50_000  # what keeping freed memory is there to avoid
+    assert min(faults) > 16_000  # at least the scores' 64 MiB, faulted in page by page again
