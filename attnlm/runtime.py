@@ -1,7 +1,9 @@
 """Where and how computation runs: device, CPU threads, mixed precision."""
 
 import contextlib
+import ctypes
 import os
+import platform
 
 import torch
 
@@ -28,6 +30,24 @@ def resolve_device(name):
 
 def set_threads(threads):
     torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+# glibc's mallopt parameters (malloc.h) and the size below which freed memory is kept for reuse.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed blocks of up to 1 GiB for the next request rather than
+    giving them back to the kernel. By default it maps each block over 32 MiB afresh and unmaps it
+    when freed, so every training step faults its large activations in again page by page (half
+    a million faults a step for the 6-layer, width-384 model at batch 64, a third of the step on
+    two cores). Whether it took effect; other C libraries are left as they are."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(option, KEEP_FREED_BYTES) == 1
+               for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
 
 
 def autocast(device, dtype_name):

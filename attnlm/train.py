@@ -21,7 +21,8 @@ from attnlm.evaluate import split_loss
 from attnlm.interrupt import Interrupted, deferred_interrupts
 from attnlm.model import GPT
 from attnlm.optim import make_optimizer
-from attnlm.runtime import autocast, compiled, resolve_device, set_threads, slow_dtype_warning
+from attnlm.runtime import (autocast, compiled, keep_freed_memory, resolve_device, set_threads,
+                            slow_dtype_warning)
 
 OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator")  # the CPU's RuntimeError
 
@@ -195,6 +196,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     say = (lambda msg: None) if quiet or not w.main else tqdm.write if show_bar else run.note
     if warning := slow_dtype_warning(device, t.dtype):
         say(warning)
+    keep_freed_memory()  # a step's activations are the next step's: no page faults for them
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = GPT(m, tokenizer.vocab_size).to(device)
     trained = distributed.wrap(model, w, t.parallel, device)  # what the job's state lives in

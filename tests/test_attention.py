@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from attnlm.attention import BACKENDS, check_backend, get_backend, naive, sdpa, tiled
+from attnlm.attention import BACKENDS, check_backend, get_backend, masks, naive, sdpa, tiled
 from attnlm.config import build_config
 from attnlm.errors import ConfigError, InputError
 from attnlm.positional import alibi_slopes
@@ -234,3 +234,62 @@ def test_triton_with_alibi_matches_naive(triton_kernel, tq, tk, d, block_q, bloc
     got = run(kernel.attend, q, k, v, g, causal=causal, alibi_slopes=slopes, block_q=block_q,
               block_k=block_k)
     assert_agree(got, run(naive.attend, q, k, v, g, causal=causal, alibi_slopes=slopes))
+
+
+def separate_passes(q, k, v, **options):
+    """The scores as naive computed them before they became one product: the product, then the
+    scale, each bias and the mask in passes of their own; softmax; times v."""
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-2, -1)) * options["scale"]
+    tq, tk = s.shape[-2:]
+    if options.get("alibi_slopes") is not None:
+        s = s + masks.alibi_bias(options["alibi_slopes"], tq, tk, options["causal"]).to(s.dtype)
+    if options.get("relative") is not None:
+        s = s + masks.relative_bias(options["relative"], tq, tk, options["causal"]).to(s.dtype)
+    if options["causal"]:
+        s = s.masked_fill(~masks.visible(tq, tk, True, options.get("window", 0)), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("options", [
+    {"causal": True}, {"causal": False}, {"causal": True, "window": 5}, {"causal": True, "kv": 1},
+    {"causal": True, "alibi": True}, {"causal": False, "alibi": True}, {"causal": True, "relative": True}])
+def test_naive_scores_in_one_product_match_separate_passes(options):
+    """Scale, biases and mask added inside the product: outputs and gradients (the relative
+    table's too) as before in float32; under bfloat16 autocast about as far from float32's."""
+    q, k, v, g = qkv(37, 37, d=16)
+    options = dict(options)
+    if options.pop("kv", None):
+        k, v = k[:, :1], v[:, :1]
+    if options.pop("alibi", None):
+        options["alibi_slopes"] = alibi_slopes(H)
+    table = torch.randn(H, 8, requires_grad=True)
+    if options.pop("relative", None):
+        options["relative"] = (table, masks.relative_buckets(37, 8, 20))
+
+    def results(attend, dtype):
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = attend(*inputs, scale=0.25, **options)
+        inputs += [table] if "relative" in options else []
+        return [t.float() for t in (out, *torch.autograd.grad(out, inputs, g.to(out.dtype)))]
+
+    exact = results(separate_passes, torch.float32)
+    for got, want in zip(results(naive.attend, torch.float32), exact):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    before = results(separate_passes, torch.bfloat16)
+    for got, old, want in zip(results(naive.attend, torch.bfloat16), before, exact):
+        # rounded at other places: as far from float32 within a factor of two
+        assert (got - want).abs().max() <= 2 * (old - want).abs().max() + 1e-3
+
+
+def test_naive_scales_and_masks_inside_the_product():
+    """No pass of its own over the (B, H, T, T) scores for the scale or the causal mask."""
+    q, k, v, _ = qkv(64, 64)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        naive.attend(q, k, v, causal=True, scale=0.125)
+    events = prof.key_averages(group_by_input_shape=True)
+    passes = {event.key for event in events if [B, H, 64, 64] in event.input_shapes}
+    assert "aten::softmax" in passes and "aten::baddbmm" in {event.key for event in events}
+    assert not passes & {"aten::mul", "aten::div", "aten::masked_fill", "aten::add", "aten::where"}

@@ -1,6 +1,10 @@
 """Model FLOPs per token, the measured matmul peak and its cache, and what a run reports."""
 
 import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +82,38 @@ def test_a_run_reports_its_share_of_the_peak_and_its_wall_time(tmp_path, monkeyp
     later = [json.loads(line)["time_s"] for line in
              (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert later[:len(times)] == times and later == sorted(later) and len(train_curve(tmp_path / "run")) == 6
+
+
+
+STEPS = """
+import resource, sys, torch
+from attnlm.config import build_config
+from attnlm.model import GPT
+from attnlm.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+cfg = build_config(overrides=["model.n_layer=1", "model.n_head=4", "model.n_embd=64", "model.block_size=256",
+                              "model.attention=naive"])
+model, x = GPT(cfg.model, 65), torch.randint(0, 65, (64, 256))
+faults = []
+for _ in range(7):  # scores of 64 MiB, activations of 16 MiB: made, freed and made again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(x, x)[1].backward()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults[-3:])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_training_steps_reuse_freed_memory_without_page_faults():
+    """glibc's default maps each block over 32 MiB afresh and unmaps it when freed: every step
+    faults its attention scores in again page by page. Kept, steps after the first few fault none."""
+    def last_steps(mode):
+        done = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent.parent)
+        kept, *faults = done.stdout.split()
+        return kept, [int(f) for f in faults]
+
+    kept, faults = last_steps("keep")
+    assert kept == "True" and sorted(faults)[1] < 1000  # now and then one more block is mapped
+    _, faults = last_steps("default")
+    assert min(faults) > 16_000  # at least the scores' 64 MiB, faulted in page by page again
