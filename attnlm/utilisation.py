@@ -13,6 +13,9 @@ from attnlm.token_cache import cache_dir
 
 PEAK_SIZE = 4096  # square matrices: large enough for the device's best kernel, small enough to be quick
 PEAK_FILE = "matmul_peak.json"
+# Part of each cached peak's key: peaks measured before the product wrote into a ready output
+# counted its page faults, read low, and must not be reused.
+PEAK_METHOD = "mm-into-ready-output"
 
 
 def flops_per_token(model):
@@ -62,7 +65,7 @@ def matmul_peak(device, dtype_name, directory=None):
     measured once per device model, thread count, dtype and torch version and then read from
     the cache (a figure measured on another CPU means nothing here)."""
     key = "|".join([device_name(device), device.type, str(torch.get_num_threads()), dtype_name,
-                    torch.__version__])
+                    torch.__version__, PEAK_METHOD])
     path = (directory or cache_dir()) / PEAK_FILE
     try:
         known = json.loads(path.read_text())
