@@ -164,10 +164,19 @@ def _beside(x, scale, column):
     return out
 
 
-def _buffer(flat, *shape):
-    """A contiguous view of shape `shape` at the front of a flat scratch buffer (the last tiles
-    of a row or column are smaller than the block)."""
-    return flat[: math.prod(shape)].view(shape)
+class Scratch:
+    """Preallocated memory lent out as contiguous views of the shapes asked for (the last tiles of
+    a row or column are smaller than the block); each shape's view is made once."""
+
+    def __init__(self, numel, device, dtype=torch.float32):
+        self.flat = torch.empty(numel, device=device, dtype=dtype)
+        self.views = {}
+
+    def __call__(self, *shape):
+        view = self.views.get(shape)
+        if view is None:
+            view = self.views[shape] = self.flat[: math.prod(shape)].view(shape)
+        return view
 
 
 class Tiles:
@@ -216,6 +225,11 @@ class Tiles:
         """Add the biases and the mask to the (B·Hk, rows·G, cols) scores s of tile (i0, j0)."""
         rows, cols = s.size(1) // self.group, s.size(2)
         spec, d0 = self.spec, self.offset + i0 - j0
+        # Some key after a query's position, or some key left of its window.
+        late = spec.causal and j0 + cols - 1 > self.offset + i0
+        early = spec.window and d0 + rows - 1 >= spec.window
+        if self.neg_slopes is None and self.table is None and not (late or early):
+            return
         by_head = s.view(self.batch, self.kv_heads, rows, self.group, cols)
         if self.neg_slopes is not None or self.table is not None:
             dist = self._distances(rows, cols, i0, j0)
@@ -225,9 +239,6 @@ class Tiles:
             if self.table is not None:
                 bias = self.table[:, self._bucket_of(dist)]  # (H, rows, cols)
                 by_head.add_(bias.view(self.kv_heads, self.group, rows, cols).transpose(1, 2))
-        # Some key after a query's position, or some key left of its window.
-        late = spec.causal and j0 + cols - 1 > self.offset + i0
-        early = spec.window and d0 + rows - 1 >= spec.window
         if late or early:
             mask = torch.full((rows, cols), float("-inf"), device=s.device).triu_(d0 + 1)
             if early:
@@ -262,22 +273,22 @@ def forward(q, k, v, tiles):
     keys = _ones_below(k)
     out = torch.empty(q.shape, device=dev)
     lse = torch.empty(n, q.size(1), device=dev)
-    q_buf = torch.empty(n * block_rows * (d + 1), device=dev, dtype=dtype)
-    acc_buf = torch.empty(n * block_rows * d, device=dev)
-    s_buf = torch.empty(n * block_rows * max(spec.block_q, spec.block_k), device=dev, dtype=dtype)
+    q_buf = Scratch(n * block_rows * (d + 1), dev, dtype)
+    acc_buf = Scratch(n * block_rows * d, dev)
+    s_buf = Scratch(n * block_rows * max(spec.block_q, spec.block_k), dev, dtype)
     # bfloat16 products of probabilities and values are summed into the float32 accumulator
-    pv_buf = None if dtype == torch.float32 else torch.empty_like(acc_buf, dtype=dtype)
+    pv_buf = None if dtype == torch.float32 else Scratch(n * block_rows * d, dev, dtype)
     for i0 in range(0, tiles.tq, spec.block_q):
         i1 = min(i0 + spec.block_q, tiles.tq)
         r0, r1 = i0 * g, i1 * g
         rows = r1 - r0
-        qi = _buffer(q_buf, n, rows, d + 1)
+        qi = q_buf(n, rows, d + 1)
         torch.mul(q[:, r0:r1], c, out=qi[..., :d])
-        acc = _buffer(acc_buf, n, rows, d)
+        acc = acc_buf(n, rows, d)
 
         def scores(j0, j1):
             """The tile's scores in base 2, capped, biased and masked, less the extra column."""
-            s = torch.bmm(qi, keys[:, :, j0:j1], out=_buffer(s_buf, n, rows, j1 - j0))
+            s = torch.bmm(qi, keys[:, :, j0:j1], out=s_buf(n, rows, j1 - j0))
             if spec.softcap:
                 s.tanh_().mul_(spec.softcap * LOG2E)
             tiles.add_bias(s, i0, j0)
@@ -287,7 +298,7 @@ def forward(q, k, v, tiles):
             if pv_buf is None:
                 acc.baddbmm_(p, v[:, j0:j1])
             else:
-                acc.add_(torch.bmm(p, v[:, j0:j1], out=_buffer(pv_buf, n, rows, d)))
+                acc.add_(torch.bmm(p, v[:, j0:j1], out=pv_buf(n, rows, d)))
 
         def rescale(j0, j1, m, l):
             """The online softmax's full step: the tile's maximum, what was summed before it
@@ -358,9 +369,8 @@ def backward(q, k, v, out, lse, grad_out, tiles):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dtable = None if tiles.table is None else torch.zeros_like(tiles.table)
-    s_buf = torch.empty(n * block_rows * spec.block_k, device=q.device)
-    dp_buf = torch.empty_like(s_buf)
-    tanh_buf = torch.empty_like(s_buf) if spec.softcap else None
+    s_buf, dp_buf = (Scratch(n * block_rows * spec.block_k, q.device) for _ in range(2))
+    tanh_buf = Scratch(n * block_rows * spec.block_k, q.device) if spec.softcap else None
     for j0 in range(0, tiles.tk, spec.block_k):
         j1 = min(j0 + spec.block_k, tiles.tk)
         kj = k[:, j0:j1]
@@ -372,16 +382,16 @@ def backward(q, k, v, out, lse, grad_out, tiles):
             shape = (n, r1 - r0, j1 - j0)
             # P = exp2(c·QKᵀ - lse), or with a cap exp2(cap·tanh(c·QKᵀ) - lse)
             p = torch.bmm(queries[:, r0:r1], keys[:, :, j0:j1],
-                          out=_buffer(tanh_buf if spec.softcap else s_buf, *shape))
+                          out=(tanh_buf if spec.softcap else s_buf)(*shape))
             if spec.softcap:
                 t = p.tanh_()
                 p = torch.add(neg_lse[:, r0:r1, None], t, alpha=spec.softcap * LOG2E,
-                              out=_buffer(s_buf, *shape))
+                              out=s_buf(*shape))
             tiles.add_bias(p, i0, j0)
             p.exp2_()
             dvj.baddbmm_(p.transpose(1, 2), grad_out[:, r0:r1])
             # dS = P ∘ (dO Vᵀ - delta): the gradient of the capped, biased scores
-            ds = torch.bmm(grads[:, r0:r1], values[:, :, j0:j1], out=_buffer(dp_buf, *shape))
+            ds = torch.bmm(grads[:, r0:r1], values[:, :, j0:j1], out=dp_buf(*shape))
             ds.mul_(p)
             if dtable is not None:
                 tiles.add_table_grad(dtable, ds, i0, j0)
