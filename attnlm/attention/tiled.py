@@ -360,11 +360,10 @@ def backward(q, k, v, out, lse, grad_out, tiles):
     c = spec.scale / spec.softcap if spec.softcap else spec.scale * LOG2E
     neg_lse = lse.neg()
     # The subtractions of lse (without a cap) and of delta = rowsum(dO ∘ O) happen inside the
-    # matmuls: an extra column beside the queries and output gradients, ones under the keys
-    # and values.
+    # matmuls: an extra column beside the queries and output gradients, a row of ones under each
+    # block of keys and values.
     queries = _beside(q, c, torch.zeros_like(lse) if spec.softcap else neg_lse)
     grads = _beside(grad_out, 1, (grad_out * out).sum(dim=-1).neg_())
-    keys, values = _ones_below(k), _ones_below(v)
     dq = torch.zeros_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -374,6 +373,7 @@ def backward(q, k, v, out, lse, grad_out, tiles):
     for j0 in range(0, tiles.tk, spec.block_k):
         j1 = min(j0 + spec.block_k, tiles.tk)
         kj = k[:, j0:j1]
+        keys, values = _ones_below(kj), _ones_below(v[:, j0:j1])
         dkj, dvj = dk[:, j0:j1].zero_(), dv[:, j0:j1].zero_()
         first, end = tiles.queries(j0, j1)
         for i0 in range(first, end, spec.block_q):
@@ -381,7 +381,7 @@ def backward(q, k, v, out, lse, grad_out, tiles):
             r0, r1 = i0 * g, i1 * g
             shape = (n, r1 - r0, j1 - j0)
             # P = exp2(c·QKᵀ - lse), or with a cap exp2(cap·tanh(c·QKᵀ) - lse)
-            p = torch.bmm(queries[:, r0:r1], keys[:, :, j0:j1],
+            p = torch.bmm(queries[:, r0:r1], keys,
                           out=(tanh_buf if spec.softcap else s_buf)(*shape))
             if spec.softcap:
                 t = p.tanh_()
@@ -391,7 +391,7 @@ def backward(q, k, v, out, lse, grad_out, tiles):
             p.exp2_()
             dvj.baddbmm_(p.transpose(1, 2), grad_out[:, r0:r1])
             # dS = P ∘ (dO Vᵀ - delta): the gradient of the capped, biased scores
-            ds = torch.bmm(grads[:, r0:r1], values[:, :, j0:j1], out=dp_buf(*shape))
+            ds = torch.bmm(grads[:, r0:r1], values, out=dp_buf(*shape))
             ds.mul_(p)
             if dtable is not None:
                 tiles.add_table_grad(dtable, ds, i0, j0)
