@@ -362,7 +362,7 @@ def backward(q, k, v, out, lse, grad_out, tiles):
     # The subtractions of lse (without a cap) and of delta = rowsum(dO ∘ O) happen inside the
     # matmuls: an extra column beside the queries and output gradients, a row of ones under each
     # block of keys and values.
-    queries = _beside(q, c, torch.zeros_like(lse) if spec.softcap else neg_lse)
+    queries = _beside(q, c, 0 if spec.softcap else neg_lse)
     grads = _beside(grad_out, 1, (grad_out * out).sum(dim=-1).neg_())
     dq = torch.zeros_like(q)
     dk = torch.empty_like(k)
