@@ -5,6 +5,7 @@ import importlib.util
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlm.attention import BACKENDS, check_backend, get_backend, masks, naive, sdpa, tiled
 from attnlm.config import build_config
@@ -115,13 +116,46 @@ def test_tiled_takes_strided_inputs_as_the_model_gives_them():
                  run(naive.attend, q, k, v, g, causal=True))
 
 
-def test_tiled_bfloat16_returns_bfloat16_close_to_float32():
-    q, k, v, g = qkv(40, 40)
-    low = run(tiled.attend, *(t.bfloat16() for t in (q, k, v, g)), causal=True)
+@pytest.mark.parametrize("block_q,block_k", [(None, None), (16, 16), (16, 8)])
+def test_tiled_bfloat16_returns_bfloat16_as_close_to_float32_as_naive(block_q, block_k):
+    q, k, v, g = qkv(100, 100)
+    low = run(tiled.attend, *(t.bfloat16() for t in (q, k, v, g)), causal=True, block_q=block_q,
+              block_k=block_k)
     assert all(t.dtype == torch.bfloat16 for t in low)
+    naive_low = run(naive.attend, *(t.bfloat16() for t in (q, k, v, g)), causal=True)
     reference = run(naive.attend, q, k, v, g, causal=True)
-    for got, want in zip(low, reference):
+    for got, naive_got, want in zip(low, naive_low, reference):
         torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+        # no further from float32 than naive's bfloat16 scores and probabilities are
+        assert (got.float() - want).abs().mean() <= 1.5 * (naive_got.float() - want).abs().mean()
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """The dtypes of the operands of every matmul run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype,matmul_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                (torch.float16, torch.float32),
+                                                (torch.float32, torch.float32)])
+def test_tiled_forward_multiplies_bfloat16_in_bfloat16_and_the_rest_in_float32(dtype,
+                                                                               matmul_dtype):
+    """bfloat16 inputs reach the forward's matmuls as they are (the CPU's bfloat16 matrix units
+    do them several times faster than float32); float16 and float32 in float32."""
+    q, k, v, _ = qkv(64, 64)
+    with torch.no_grad(), MatmulDtypes() as seen:
+        out = tiled.attend(*(t.to(dtype) for t in (q, k, v)), causal=True, scale=0.2, block_q=16,
+                           block_k=16)
+    assert seen.dtypes == {matmul_dtype}
+    assert out.dtype == dtype
 
 
 def test_tiled_saves_memory_linear_in_length():

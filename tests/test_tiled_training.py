@@ -15,7 +15,7 @@ from tests.helpers import text_file, tiny_config
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks smaller than the context (32), so the model's attention really runs in tiles."""
-    monkeypatch.setitem(tiled.DEFAULT_BLOCKS, "cpu", (8, 16))
+    monkeypatch.setitem(tiled.DEFAULT_BLOCKS, "cpu", {torch.float32: (8, 16)})
 
 
 def metrics(run):

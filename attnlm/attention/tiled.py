@@ -3,13 +3,14 @@
 Queries are taken a block at a time against blocks of keys and values. An online softmax keeps,
 for each query row, the running maximum m and sum l of exp(score - m); when a later key block
 raises the maximum, the sum and the output accumulator are rescaled. Key blocks are taken from
-the diagonal leftwards, so the nearest keys set the maximum first, and a later block is
-exponentiated against the maximum so far without looking for its own (lazy rescaling: one pass
-over the tile fewer); only a block whose scores rise far above it is redone the full way. Key
-blocks that no query of the block may see (right of the causal diagonal, or left of every row's
-sliding window) are never computed, so a window of W costs T·W, not T²; the mask is applied only
-to the tiles that cross an edge. The forward saves only the output and each row's logsumexp; the backward recomputes every
-tile's probabilities from the logsumexp (FlashAttention-2, Dao 2023, algorithm 2):
+the diagonal leftwards, so the nearest keys set the maximum first, and every later block is
+exponentiated against the maximum so far without looking for its own (lazy rescaling: passes
+over the tile fewer); only a query block in which some scores rose far above it is redone the
+full way. Key blocks that no query of the block may see (right of the causal diagonal, or left
+of every row's sliding window) are never computed, so a window of W costs T·W, not T²; the mask
+is applied only to the tiles that cross an edge. The forward saves only the output and each
+row's logsumexp; the backward recomputes every tile's probabilities from the logsumexp
+(FlashAttention-2, Dao 2023, algorithm 2):
 
     P = exp(S - lse)   dV += Pᵀ dO   dP = dO Vᵀ   dS = P ∘ (dP - rowsum(dO ∘ O))
     dQ += dS K · scale   dK += dSᵀ Q · scale
@@ -27,11 +28,20 @@ from a (block_q, block_k) template of row-minus-column offsets made once per cal
 tensor is ever built. The relative table's gradient is dS summed by bucket (over the batch and the
 tile) into an (H, buckets) tensor.
 
-On the CPU what costs time is the number of passes over each tile and Python's overhead per
-operation, so every step is one batched matmul over all B·Hk heads into preallocated buffers, the
-elementwise steps run in place, and the blocks are large. Scores are kept in base 2 (the scale is
-multiplied by log2(e)) because torch's exp2 is about three times faster than exp on the CPU.
-Everything is computed in float32 whatever the input dtype.
+On the CPU the matmuls run near the machine's peak; what else costs time is the number of
+passes over each tile and Python's overhead per operation. So every step is one batched matmul
+over all B·Hk heads into preallocated buffers, the elementwise steps run in place, and the
+subtractions are done by the matmuls themselves: the query block carries -m in an extra column
+and the keys a row of ones under them, so that Q·Kᵀ comes out as scores minus the running
+maximum (a (D+1)-long product costs no more than a D-long one); the backward likewise takes lse
+and rowsum(dO ∘ O) off inside its two score-sized products. Scores are kept in base 2 (the scale
+is multiplied by log2(e)): torch's exp2 is as fast as exp on an Intel Xeon and about three times
+faster on an AMD EPYC.
+
+bfloat16 inputs are multiplied in bfloat16 (each product accumulating in float32 inside the
+matmul, on the CPU's bfloat16 matrix units where it has them), so scores and probabilities are
+bfloat16, as they are in naive under autocast; the softmax's statistics, the output accumulator
+and the backward are float32. Any other dtype is computed in float32 throughout.
 """
 
 import math
@@ -42,19 +52,29 @@ import torch
 from attnlm.attention.masks import alibi_bias, relative_bias
 
 LOG2E = math.log2(math.e)
-# A row's running maximum before it has seen a visible key. Finite, unlike -inf, so that a tile in
-# which a row sees nothing (its window starts after the tile) gives exp2(-inf - MIN) = 0, not NaN.
+# A row's running maximum before its first tile: finite, so that no -inf - (-inf) makes a NaN.
 MIN = torch.finfo(torch.float32).min
-# The largest row sum of exp2(score - running maximum) a tile may reach and still be kept
-# without rescaling (see forward): far from float32's overflow, whatever the values.
+# The largest sum of exp2(score - running maximum) a row may reach under lazy rescaling and still
+# be kept (see forward): far from float32's overflow, whatever the values.
 LAZY_LIMIT = 2.0**32
 
 # (query block, key block) per device type. CPU: measured with benchmarks/attention.py --backends
-# sdpa,tiled@QxK (B=1, H=8, D=64, float32, one thread, T from 1024 to 8192): 256x256 was the best
-# or within 7% of the best of 128 to 512 (square and mixed) at every T, forward and backward;
-# 128 pays Python's overhead per tile (1.28x sdpa's forward at T=8192) and 512 outgrows the cache
-# (1.15 to 1.3x). CUDA: a guess, not yet measured.
-DEFAULT_BLOCKS = {"cpu": (256, 256), "cuda": (128, 128)}
+# sdpa,tiled@QxK (B=1, D=64, float32, one thread of an Intel Xeon with AMX), forward: 128x256
+# was the best or within 3% of the best of 64 to 512 (square and mixed) at T = 2048, 4096 and
+# 8192 with 8 heads and at T = 2048 with 2 and 32, and within 2% of 256x256 forward+backward;
+# 256x256 took up to 10% longer forward (an AMD EPYC preferred it to 128x128 with an earlier
+# version of the forward), 512 rows outgrow the cache (1.3 to 1.6x sdpa's time), 64 rows pay
+# Python's overhead per tile. bfloat16 (its tiles half the bytes, and Python's overhead a larger
+# share of a faster product): 256x256, 2.0 to 2.1x sdpa's forward time at T = 2048 and 4096,
+# against 2.4 to 2.5x with 128x256 and 2.1 to 2.5x with 256x512. CUDA: a guess, not yet measured.
+DEFAULT_BLOCKS = {"cpu": {torch.float32: (128, 256), torch.bfloat16: (256, 256)},
+                  "cuda": {torch.float32: (128, 128)}}
+
+
+def default_blocks(device_type, dtype):
+    """(query block, key block) for matmuls in dtype on a device type (float32's if unknown)."""
+    blocks = DEFAULT_BLOCKS.get(device_type, DEFAULT_BLOCKS["cpu"])
+    return blocks.get(dtype, blocks[torch.float32])
 
 
 def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0, softcap=0.0,
@@ -69,7 +89,7 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0
     if q.size(-2) == 1:
         return _one_query(q, k, v, causal=causal, scale=scale, alibi_slopes=alibi_slopes,
                           window=window, softcap=softcap, relative=relative)
-    default_q, default_k = DEFAULT_BLOCKS.get(q.device.type, DEFAULT_BLOCKS["cpu"])
+    default_q, default_k = default_blocks(q.device.type, matmul_dtype(q.dtype))
     spec = Spec(causal, scale, window, softcap, block_q or default_q, block_k or default_k)
     table, buckets = relative if relative is not None else (None, None)
     return TiledAttention.apply(q, k, v, alibi_slopes, table, buckets, spec)
@@ -104,18 +124,18 @@ class Spec:
     block_k: int
 
 
-def _flat(x):
-    """(B, H, T, D) of any float dtype -> contiguous float32 (B·H, T, D), copied only if needed."""
-    return x.reshape(-1, x.size(-2), x.size(-1)).float().contiguous()
+def _flat(x, dtype=torch.float32):
+    """(B, H, T, D) -> contiguous (B·H, T, D) in dtype, copied only if needed."""
+    return x.reshape(-1, x.size(-2), x.size(-1)).to(dtype).contiguous()
 
 
-def _rows(x, kv_heads):
-    """(B, H, T, D) queries (or their gradient) -> float32 (B·Hk, T·G, D): the G = H/Hk query
+def _rows(x, kv_heads, dtype=torch.float32):
+    """(B, H, T, D) queries (or their gradient) -> (B·Hk, T·G, D) in dtype: the G = H/Hk query
     heads of each key/value head as rows, position-major. A view when G = 1."""
     b, h, t, d = x.shape
     group = h // kv_heads
     x = x.reshape(b, kv_heads, group, t, d).transpose(2, 3)
-    return x.reshape(b * kv_heads, t * group, d).float().contiguous()
+    return x.reshape(b * kv_heads, t * group, d).to(dtype).contiguous()
 
 
 def _unrows(x, batch, heads):
@@ -127,10 +147,36 @@ def _unrows(x, batch, heads):
     return x.reshape(batch, heads, rows // group, d)
 
 
-def _buffer(flat, *shape):
-    """A contiguous view of shape `shape` at the front of a flat scratch buffer (the last tiles
-    of a row or column are smaller than the block)."""
-    return flat[: math.prod(shape)].view(shape)
+def _ones_below(x):
+    """(N, T, D) -> (N, D+1, T): x transposed, with a row of ones under it."""
+    n, t, d = x.shape
+    out = torch.empty(n, d + 1, t, device=x.device, dtype=x.dtype)
+    out[:, :d] = x.transpose(1, 2)
+    out[:, d] = 1
+    return out
+
+
+def _beside(x, scale, column):
+    """(N, T, D) and (N, T) -> (N, T, D+1): x·scale with the column beside it."""
+    out = torch.empty(*x.shape[:-1], x.size(-1) + 1, device=x.device, dtype=x.dtype)
+    torch.mul(x, scale, out=out[..., :-1])
+    out[..., -1] = column
+    return out
+
+
+class Scratch:
+    """Preallocated memory lent out as contiguous views of the shapes asked for (the last tiles of
+    a row or column are smaller than the block); each shape's view is made once."""
+
+    def __init__(self, numel, device, dtype=torch.float32):
+        self.flat = torch.empty(numel, device=device, dtype=dtype)
+        self.views = {}
+
+    def __call__(self, *shape):
+        view = self.views.get(shape)
+        if view is None:
+            view = self.views[shape] = self.flat[: math.prod(shape)].view(shape)
+        return view
 
 
 class Tiles:
@@ -145,9 +191,10 @@ class Tiles:
         self.group = heads // kv_heads
         self.tq, self.tk = tq, tk
         self.offset = tk - tq  # query i sits at absolute position offset + i
-        # Row minus column in a whole tile; a tile's distances are these plus one offset.
+        # Row minus column in a whole tile (a row's first tile in the forward may be as wide as
+        # the query block); a tile's distances are these plus one offset.
         self.rel = (torch.arange(spec.block_q, device=device).unsqueeze(1)
-                    - torch.arange(spec.block_k, device=device))
+                    - torch.arange(max(spec.block_q, spec.block_k), device=device))
         self.neg_slopes = None
         if slopes is not None:
             self.neg_slopes = (slopes.float() * -LOG2E).view(kv_heads, 1, self.group, 1)
@@ -178,6 +225,11 @@ class Tiles:
         """Add the biases and the mask to the (B·Hk, rows·G, cols) scores s of tile (i0, j0)."""
         rows, cols = s.size(1) // self.group, s.size(2)
         spec, d0 = self.spec, self.offset + i0 - j0
+        # Some key after a query's position, or some key left of its window.
+        late = spec.causal and j0 + cols - 1 > self.offset + i0
+        early = spec.window and d0 + rows - 1 >= spec.window
+        if self.neg_slopes is None and self.table is None and not (late or early):
+            return
         by_head = s.view(self.batch, self.kv_heads, rows, self.group, cols)
         if self.neg_slopes is not None or self.table is not None:
             dist = self._distances(rows, cols, i0, j0)
@@ -187,9 +239,6 @@ class Tiles:
             if self.table is not None:
                 bias = self.table[:, self._bucket_of(dist)]  # (H, rows, cols)
                 by_head.add_(bias.view(self.kv_heads, self.group, rows, cols).transpose(1, 2))
-        # Some key after a query's position, or some key left of its window.
-        late = spec.causal and j0 + cols - 1 > self.offset + i0
-        early = spec.window and d0 + rows - 1 >= spec.window
         if late or early:
             mask = torch.full((rows, cols), float("-inf"), device=s.device).triu_(d0 + 1)
             if early:
@@ -208,56 +257,94 @@ class Tiles:
 
 
 def forward(q, k, v, tiles):
-    """q (N, Tq·G, D), k and v (N, Tk, D), all contiguous float32, N = B·Hk. Returns the output
-    (N, Tq·G, D) and each row's logsumexp of the scores in base 2, (N, Tq·G)."""
+    """q (N, Tq·G, D), k and v (N, Tk, D), all contiguous, N = B·Hk, in float32 or bfloat16 (the
+    matmuls' dtype; the softmax's statistics and the output are float32 either way). Returns the
+    output (N, Tq·G, D) and each row's logsumexp of the scores in base 2, (N, Tq·G), in float32."""
     spec, g = tiles.spec, tiles.group
     n, _, d = q.shape
+    dev, dtype = q.device, q.dtype
     block_rows = spec.block_q * g
-    # With a cap the scores are cap·tanh(scale·q·k / cap): the scale goes into tanh's argument.
+    # With a cap the scores are cap·tanh(scale·q·k / cap): the scale goes into tanh's argument,
+    # and the row maximum cannot be taken off inside the matmul.
     c = spec.scale / spec.softcap if spec.softcap else spec.scale * LOG2E
-    out = torch.empty_like(q)
-    lse = torch.empty(n, q.size(1), device=q.device)
-    q_buf = torch.empty(n * block_rows * d, device=q.device)
-    acc_buf = torch.empty(n * block_rows * d, device=q.device)
-    s_buf = torch.empty(n * block_rows * spec.block_k, device=q.device)
+    fold = not spec.softcap
+    # Keys transposed, with a row of ones under them: a query row whose extra column holds -m
+    # then gets its scores minus its running maximum m from the matmul itself.
+    keys = _ones_below(k)
+    out = torch.empty(q.shape, device=dev)
+    lse = torch.empty(n, q.size(1), device=dev)
+    q_buf = Scratch(n * block_rows * (d + 1), dev, dtype)
+    acc_buf = Scratch(n * block_rows * d, dev)
+    s_buf = Scratch(n * block_rows * max(spec.block_q, spec.block_k), dev, dtype)
+    # bfloat16 products of probabilities and values are summed into the float32 accumulator
+    pv_buf = None if dtype == torch.float32 else Scratch(n * block_rows * d, dev, dtype)
     for i0 in range(0, tiles.tq, spec.block_q):
         i1 = min(i0 + spec.block_q, tiles.tq)
         r0, r1 = i0 * g, i1 * g
-        qi = torch.mul(q[:, r0:r1], c, out=_buffer(q_buf, n, r1 - r0, d))
-        acc = _buffer(acc_buf, n, r1 - r0, d).zero_()
-        m = torch.full((n, r1 - r0, 1), MIN, device=q.device)
-        l = torch.zeros(n, r1 - r0, 1, device=q.device)
+        rows = r1 - r0
+        qi = q_buf(n, rows, d + 1)
+        torch.mul(q[:, r0:r1], c, out=qi[..., :d])
+        acc = acc_buf(n, rows, d)
 
         def scores(j0, j1):
-            """The tile's scores in base 2: capped, biased and masked."""
-            s = torch.bmm(qi, k[:, j0:j1].transpose(1, 2), out=_buffer(s_buf, n, r1 - r0, j1 - j0))
+            """The tile's scores in base 2, capped, biased and masked, less the extra column."""
+            s = torch.bmm(qi, keys[:, :, j0:j1], out=s_buf(n, rows, j1 - j0))
             if spec.softcap:
                 s.tanh_().mul_(spec.softcap * LOG2E)
             tiles.add_bias(s, i0, j0)
             return s
 
-        first, end = tiles.keys(i0, i1)
-        # From the diagonal leftwards: the nearest keys, which usually score highest (and always
-        # do under ALiBi), set each row's maximum first, so later tiles rarely raise it.
-        for j1 in range(end, first, -spec.block_k):
-            j0 = max(first, j1 - spec.block_k)
+        def accumulate(p, j0, j1):
+            if pv_buf is None:
+                acc.baddbmm_(p, v[:, j0:j1])
+            else:
+                acc.add_(torch.bmm(p, v[:, j0:j1], out=pv_buf(n, rows, d)))
+
+        def rescale(j0, j1, m, l):
+            """The online softmax's full step: the tile's maximum, what was summed before it
+            rescaled if the maximum rose, the tile added. Returns the new maximum."""
+            qi[..., d] = 0
             s = scores(j0, j1)
-            if j1 < end:
-                # Lazy rescaling: exponentiate against the maximum so far, and keep the tile if
-                # no row's sum exceeds LAZY_LIMIT (no score rose far above the maximum: nothing
-                # overflows, and a stale maximum costs no precision in float32); else redo it.
-                row_sums = s.sub_(m).exp2_().sum(dim=-1, keepdim=True)
-                if row_sums.max() <= LAZY_LIMIT:
-                    l.add_(row_sums)
-                    acc.baddbmm_(s, v[:, j0:j1])
+            # Rounded to the matmuls' dtype, so that the extra column holds it exactly.
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True)).to(dtype)
+            s.sub_(m_new).exp2_()
+            m_new = m_new.float()
+            correction = torch.exp2(m - m_new)
+            l.mul_(correction).add_(s.sum(dim=-1, keepdim=True))
+            acc.mul_(correction)
+            accumulate(s, j0, j1)
+            if fold:
+                qi[..., d] = -m_new.squeeze(-1)
+            return m_new
+
+        first, end = tiles.keys(i0, i1)
+        # The first tile reaches back to the block's first query (with causal attention), so
+        # that every row has seen a key, and has a finite maximum, after it.
+        start = max(first, end - spec.block_k)
+        if spec.causal:
+            start = max(first, min(start, tiles.offset + i0))
+        # Then from right to left: the nearest keys, which usually score highest (and always do
+        # under ALiBi), have set each row's maximum, so later tiles rarely raise it. Lazy
+        # rescaling: exponentiate every later tile against the maximum so far, and keep the
+        # result if no row's sum exceeds LAZY_LIMIT (no score rose far above the maximum:
+        # nothing overflowed, and a stale maximum costs no precision in float32); else redo the
+        # block with a full rescaling step for every tile.
+        for lazy in (True, False):
+            acc.zero_()
+            l = torch.zeros(n, rows, 1, device=dev)
+            m = rescale(start, end, torch.full((n, rows, 1), MIN, device=dev), l)
+            for j1 in range(start, first, -spec.block_k):
+                j0 = max(first, j1 - spec.block_k)
+                if not lazy:
+                    m = rescale(j0, j1, m, l)
                     continue
                 s = scores(j0, j1)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            correction = torch.exp2(m - m_new)
-            s.sub_(m_new).exp2_()
-            l.mul_(correction).add_(s.sum(dim=-1, keepdim=True))
-            acc.mul_(correction).baddbmm_(s, v[:, j0:j1])
-            m = m_new
+                if not fold:
+                    s.sub_(m)
+                l.add_(s.exp2_().sum(dim=-1, keepdim=True))
+                accumulate(s, j0, j1)
+            if not lazy or l.max() <= LAZY_LIMIT:
+                break
         torch.div(acc, l, out=out[:, r0:r1])
         torch.add(m.squeeze(-1), l.squeeze(-1).log2(), out=lse[:, r0:r1])
     return out, lse
@@ -271,45 +358,54 @@ def backward(q, k, v, out, lse, grad_out, tiles):
     n, _, d = q.shape
     block_rows = spec.block_q * g
     c = spec.scale / spec.softcap if spec.softcap else spec.scale * LOG2E
-    delta = (grad_out * out).sum(dim=-1, keepdim=True)  # rowsum(dO ∘ O), (N, Tq·G, 1)
-    neg_lse = lse.neg().unsqueeze(-1)
+    neg_lse = lse.neg()
+    # The subtractions of lse (without a cap) and of delta = rowsum(dO ∘ O) happen inside the
+    # matmuls: an extra column beside the queries and output gradients, a row of ones under each
+    # block of keys and values.
+    queries = _beside(q, c, 0 if spec.softcap else neg_lse)
+    grads = _beside(grad_out, 1, (grad_out * out).sum(dim=-1).neg_())
     dq = torch.zeros_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dtable = None if tiles.table is None else torch.zeros_like(tiles.table)
-    s_buf = torch.empty(n * block_rows * spec.block_k, device=q.device)
-    dp_buf = torch.empty_like(s_buf)
-    tanh_buf = torch.empty_like(s_buf) if spec.softcap else None
+    s_buf, dp_buf = (Scratch(n * block_rows * spec.block_k, q.device) for _ in range(2))
+    tanh_buf = Scratch(n * block_rows * spec.block_k, q.device) if spec.softcap else None
     for j0 in range(0, tiles.tk, spec.block_k):
         j1 = min(j0 + spec.block_k, tiles.tk)
-        kj, vj = k[:, j0:j1], v[:, j0:j1]
+        kj = k[:, j0:j1]
+        keys, values = _ones_below(kj), _ones_below(v[:, j0:j1])
         dkj, dvj = dk[:, j0:j1].zero_(), dv[:, j0:j1].zero_()
         first, end = tiles.queries(j0, j1)
         for i0 in range(first, end, spec.block_q):
             i1 = min(i0 + spec.block_q, end)
             r0, r1 = i0 * g, i1 * g
             shape = (n, r1 - r0, j1 - j0)
-            qi, doi = q[:, r0:r1], grad_out[:, r0:r1]
+            # P = exp2(c·QKᵀ - lse), or with a cap exp2(cap·tanh(c·QKᵀ) - lse)
+            p = torch.bmm(queries[:, r0:r1], keys,
+                          out=(tanh_buf if spec.softcap else s_buf)(*shape))
             if spec.softcap:
-                t = torch.bmm(qi, kj.transpose(1, 2), out=_buffer(tanh_buf, *shape)).mul_(c).tanh_()
-                p = torch.add(neg_lse[:, r0:r1], t, alpha=spec.softcap * LOG2E,
-                              out=_buffer(s_buf, *shape))
-            else:
-                # P = exp2(c·QKᵀ - lse), the subtraction folded into the matmul.
-                p = torch.baddbmm(neg_lse[:, r0:r1], qi, kj.transpose(1, 2), alpha=c,
-                                  out=_buffer(s_buf, *shape))
+                t = p.tanh_()
+                p = torch.add(neg_lse[:, r0:r1, None], t, alpha=spec.softcap * LOG2E,
+                              out=s_buf(*shape))
             tiles.add_bias(p, i0, j0)
             p.exp2_()
-            dvj.baddbmm_(p.transpose(1, 2), doi)
-            ds = torch.bmm(doi, vj.transpose(1, 2), out=_buffer(dp_buf, *shape))
-            ds.sub_(delta[:, r0:r1]).mul_(p)  # the gradient of the capped, biased scores
+            dvj.baddbmm_(p.transpose(1, 2), grad_out[:, r0:r1])
+            # dS = P ∘ (dO Vᵀ - delta): the gradient of the capped, biased scores
+            ds = torch.bmm(grads[:, r0:r1], values, out=dp_buf(*shape))
+            ds.mul_(p)
             if dtable is not None:
                 tiles.add_table_grad(dtable, ds, i0, j0)
             if spec.softcap:
                 ds.mul_(t.square_().neg_().add_(1))  # d(cap·tanh(x/cap))/dx = 1 - tanh²
             dq[:, r0:r1].baddbmm_(ds, kj, alpha=spec.scale)
-            dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=spec.scale)
+            dkj.baddbmm_(ds.transpose(1, 2), q[:, r0:r1], alpha=spec.scale)
     return dq, dk, dv, dtable
+
+
+def matmul_dtype(dtype):
+    """bfloat16 inputs are multiplied in bfloat16 (float32 accumulation inside each product,
+    float32 softmax statistics and output); any other dtype in float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 class TiledAttention(torch.autograd.Function):
@@ -319,7 +415,8 @@ class TiledAttention(torch.autograd.Function):
         # Autocast would run the matmuls in half precision; the tiles accumulate in float32.
         with torch.autocast(q.device.type, enabled=False):
             tiles = Tiles(spec, b, h, k.size(1), tq, k.size(2), slopes, table, buckets, q.device)
-            qf, kf, vf = _rows(q, k.size(1)), _flat(k), _flat(v)
+            dtype = matmul_dtype(q.dtype)
+            qf, kf, vf = _rows(q, k.size(1), dtype), _flat(k, dtype), _flat(v, dtype)
             out, lse = forward(qf, kf, vf, tiles)
         ctx.save_for_backward(qf, kf, vf, out, lse)
         ctx.tiles = tiles
@@ -328,7 +425,7 @@ class TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = (x.float() for x in ctx.saved_tensors)
         tiles = ctx.tiles
         with torch.autocast(q.device.type, enabled=False):
             dq, dk, dv, dtable = backward(q, k, v, out, lse, _rows(grad_out, tiles.kv_heads),
