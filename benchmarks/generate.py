@@ -99,7 +99,7 @@ def runners(args, models, prompt):
     timed = {"plain": models["float32"]}
     if args.compile:
         torch._dynamo.reset()  # compile afresh for each thread count: the compile time is news
-        timed["compiled"] = compiled(models["float32"])
+        timed["compiled"] = compiled(models["float32"], dynamic=True)  # as generate --compile
     timed.update({f"plain-{dtype}": model for dtype, model in models.items() if dtype != "float32"})
     found = {impl: lambda use_cache, n, m=m: attnlm_times(m, prompt, n, use_cache)
              for impl, m in timed.items()}
