@@ -14,6 +14,7 @@ last tokens that the windows of all layers together reach back to: the same logi
 pass over the whole text.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,27 @@ def endless(cfg):
     return all(layer_windows(cfg)) and cfg.pos != "learned"
 
 
+@contextlib.contextmanager
+def without_onednn():
+    """torch's own CPU kernels in place of oneDNN's while inside. A decode step of one position
+    per row is a few thousand numbers per operation, too few to pay for oneDNN's set-up on every
+    call (its GELU alone took 3 times aten's); and its matrix-vector products are no faster. A
+    prompt keeps oneDNN: in bfloat16 its matrix products are many times faster than aten's."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def forward_last(model, tokens, cache, pos):
+    """The model's logits at the last of tokens (B, T): (B, 1, vocab); a one-position step
+    without oneDNN (see without_onednn)."""
+    with without_onednn() if tokens.size(1) == 1 else contextlib.nullcontext():
+        return model(tokens, cache=cache, pos=pos, last_only=True)[0]
+
+
 @torch.inference_mode()
 def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None, use_cache=True,
              num_samples=1):
@@ -134,8 +156,7 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
     if use_cache:
         total = length + max_new_tokens
         cache = model.new_cache(rows, total if without_end else min(block, total))
-    logits, _ = model(prompt, cache=cache, last_only=True)
-    logits = logits.repeat(num_samples, 1, 1)
+    logits = forward_last(model, prompt, cache, 0).repeat(num_samples, 1, 1)
     if cache is not None:
         cache.repeat(prompt.size(0))
     start, end = 0, length  # the window is tokens[:, start:end]
@@ -157,7 +178,7 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
                 cache.reset()
         origin = 0 if without_end else start  # tokens[:, i] sits at position i - origin
         read = start + (cache.length if cache is not None else 0)
-        logits, _ = model(tokens[:, read:end], cache=cache, pos=read - origin, last_only=True)
+        logits = forward_last(model, tokens[:, read:end], cache, read - origin)
 
 
 class IncrementalDecoder:

@@ -10,9 +10,24 @@ import torch
 from attnlm.utilisation import cpu_name
 
 
+# CPU features that decide how fast low-precision matrix products can be
+MATRIX_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags():
+    """Those of MATRIX_FLAGS this CPU has (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in MATRIX_FLAGS if flag in flags]
+
+
 def machine():
     return {
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),

@@ -9,14 +9,18 @@ and, with --hf, attnlm / transformers' GPT-2 of the same shape (needs transforme
 pip install -e '.[bench]', a benchmark-only extra).
 
 "compiled" is the model under torch.compile as `attnlm generate --compile` runs it
-(attnlm.sampling.compiled: inductor, dynamic shapes, one graph for every cache length). Its compile time is reported apart (compile_s: the first, warm-up generation,
-which compiles the prefill and the step) and is never inside tokens/s; break_even_tokens is how
-many tokens a generation needs before compiling has paid for itself.
+(attnlm.runtime.compiled: inductor, dynamic shapes, one graph for every cache length). Its compile
+time is reported apart (compile_s: the first, warm-up generation, which compiles the prefill and
+the step) and is never inside tokens/s; break_even_tokens is how many tokens a generation needs
+before compiling has paid for itself.
+
+--dtype float32,bfloat16 also times the plain model cast to bfloat16 ("plain-bfloat16": weights,
+activations and KV cache), with its speed over float32's (plain_bfloat16_over_plain_cached).
 
 --kv-heads 6,2,1 instead times the plain cached path of a model with each number of key/value
 heads (grouped-query attention; 6 is multi-head, 1 multi-query), one JSON line each with the KV
-cache's bytes per token (every layer's keys and values of one position) and tokens/s; --dtype
-bfloat16 runs those models in bfloat16.
+cache's bytes per token (every layer's keys and values of one position) and tokens/s, in each
+--dtype.
 
 On a shared machine, run it alone: flock -x /tmp/bench.lock python benchmarks/generate.py
 """
@@ -90,12 +94,13 @@ def hf_model():
     return GPT2LMHeadModel(cfg).eval()
 
 
-def runners(args, model, prompt):
-    """impl -> run(use_cache, new_tokens) -> the times per token."""
-    timed = {"plain": model}
+def runners(args, models, prompt):
+    """impl -> run(use_cache, new_tokens) -> the times per token; models: dtype -> model."""
+    timed = {"plain": models["float32"]}
     if args.compile:
         torch._dynamo.reset()  # compile afresh for each thread count: the compile time is news
-        timed["compiled"] = compiled(model)
+        timed["compiled"] = compiled(models["float32"], dynamic=True)  # as generate --compile
+    timed.update({f"plain-{dtype}": model for dtype, model in models.items() if dtype != "float32"})
     found = {impl: lambda use_cache, n, m=m: attnlm_times(m, prompt, n, use_cache)
              for impl, m in timed.items()}
     if args.hf:
@@ -117,22 +122,25 @@ def main():
     parser.add_argument("--repeats", type=int, default=3,
                         help="cached runs per implementation; the fastest is summarised")
     parser.add_argument("--kv-heads", help="comma-separated n_kv_head values to time instead")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="the models' dtype with --kv-heads")
+    parser.add_argument("--dtype", default="float32",
+                        help="comma-separated: float32 (always timed) and/or bfloat16")
     args = parser.parse_args()
+    args.dtype = args.dtype.split(",")
+    if not set(args.dtype) <= {"float32", "bfloat16"}:
+        parser.error(f"--dtype takes float32 and bfloat16, not {args.dtype}")
     if args.kv_heads:
         return kv_head_runs(args)
 
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(**SHAPE, attention=args.attention), VOCAB).eval()
+    models = {dtype: model_of(ModelConfig(**SHAPE, attention=args.attention), dtype)
+              for dtype in ["float32"] + [d for d in args.dtype if d != "float32"]}
     prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
-    base = {"bench": "generate", **SHAPE, "vocab": VOCAB, "batch": 1, "dtype": "float32",
+    base = {"bench": "generate", **SHAPE, "vocab": VOCAB, "batch": 1,
             "attention": args.attention, "prompt_tokens": args.prompt_tokens}
     paths = args.paths.split(",")
     for threads in args.threads.split(","):
         torch.set_num_threads(os.cpu_count() if threads == "all" else int(threads))
         base.update(machine())
-        timed = runners(args, model, prompt)
+        timed = runners(args, models, prompt)
         best, compile_s = {}, {}  # (impl, path) -> the fastest run's figures; its warm-up seconds
         for path in paths:
             use_cache = path == "cached"
@@ -146,23 +154,29 @@ def main():
                     cpu = time.process_time()
                     times = run(use_cache, args.new_tokens)
                     result = summary(times, time.process_time() - cpu)
-                    print(json.dumps({**base, "impl": impl, "path": path, **result}), flush=True)
+                    dtype = impl.partition("-")[2] if impl.startswith("plain-") else "float32"
+                    print(json.dumps({**base, "impl": impl, "dtype": dtype, "path": path,
+                                      **result}), flush=True)
                     if result["tokens_per_s"] > best.get((impl, path), {}).get("tokens_per_s", 0):
                         best[impl, path] = result
         print(json.dumps({**base, "summary": "fastest run of each",
                           **ratios(best, compile_s)}), flush=True)
 
 
+def model_of(cfg, dtype):
+    """The benchmark's model of cfg in dtype (a name), the same weights for every dtype."""
+    torch.manual_seed(0)
+    return GPT(cfg, VOCAB).to(getattr(torch, dtype)).eval()
+
+
 def kv_head_runs(args):
     """Per n_kv_head: the cache's bytes per token and the fastest cached run's tokens/s."""
-    dtype = getattr(torch, args.dtype)
     prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
-    for threads in args.threads.split(","):
+    for threads, dtype in ((t, d) for t in args.threads.split(",") for d in args.dtype):
         torch.set_num_threads(os.cpu_count() if threads == "all" else int(threads))
         for kv_heads in map(int, args.kv_heads.split(",")):
-            torch.manual_seed(0)
             cfg = ModelConfig(**SHAPE, n_kv_head=kv_heads, attention=args.attention)
-            model = GPT(cfg, VOCAB).to(dtype).eval()
+            model = model_of(cfg, dtype)
             cache = model.new_cache(1, SHAPE["block_size"])
             attnlm_times(model, prompt, WARM_UP, True)
             runs = []
@@ -172,7 +186,7 @@ def kv_head_runs(args):
                 runs.append(summary(times, time.process_time() - cpu))
             best = max(runs, key=lambda r: r["tokens_per_s"])
             print(json.dumps({"bench": "generate-kv-heads", **SHAPE, "n_kv_head": kv_heads,
-                              "dtype": args.dtype, "attention": args.attention, **machine(),
+                              "dtype": dtype, "attention": args.attention, **machine(),
                               "kv_bytes_per_token": cache.nbytes // SHAPE["block_size"],
                               **best}), flush=True)
 
@@ -194,8 +208,13 @@ def ratios(best, compile_s):
         out[f"compile_s_{path}"] = round(extra, 1)
         gain = 1 / plain - 1 / compiled  # seconds saved per token
         out[f"break_even_tokens_{path}"] = round(extra / gain) if gain > 0 else None
+    for (impl, path), value in speed.items():
+        if impl.startswith("plain-"):
+            out[f"{impl.replace('-', '_')}_over_plain_{path}"] = round(value / speed["plain", path], 2)
     if ("hf-gpt2", "cached") in speed:
-        out["plain_over_hf_cached"] = round(speed["plain", "cached"] / speed["hf-gpt2", "cached"], 2)
+        for impl in ("plain", "compiled"):
+            if (impl, "cached") in speed:
+                out[f"{impl}_over_hf_cached"] = round(speed[impl, "cached"] / speed["hf-gpt2", "cached"], 2)
     return out
 
 

@@ -14,7 +14,7 @@ from attnlm.cli import cli
 from attnlm.config import ModelConfig
 from attnlm.model import GPT
 from attnlm.positional import SCHEMES
-from attnlm.sampling import Controls, complete, generate
+from attnlm.sampling import Controls, complete, generate, without_onednn
 from attnlm.train import train
 from tests.helpers import text_file, tiny_config
 
@@ -184,6 +184,22 @@ def test_every_decode_step_runs_the_chosen_backend(run_dir, backend):
             q, *a, **kw)
     tokens(model, SHORT, 8, Controls())
     assert queries == [len(SHORT)] * len(model.blocks) + [1] * 7 * len(model.blocks)
+
+
+def test_one_position_steps_run_without_onednn_and_a_prompt_with_it(run_dir):
+    """A decode step takes torch's own kernels (oneDNN's set-up per call outweighs its work); a
+    prompt keeps oneDNN (its bfloat16 products are the fast ones); the setting comes back after,
+    also when a step fails."""
+    model, _ = load(run_dir, "sdpa")
+    seen = []
+    model.register_forward_hook(
+        lambda module, args, out: seen.append((args[0].size(1), torch.backends.mkldnn.enabled)))
+    tokens(model, SHORT, 4, Controls())
+    assert seen == [(len(SHORT), True)] + [(1, False)] * 3
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(KeyboardInterrupt), without_onednn():
+        raise KeyboardInterrupt
+    assert torch.backends.mkldnn.enabled
 
 
 def test_exact_match_decodes_through_the_cached_generation_loop(run_dir):
