@@ -298,7 +298,7 @@ def test_naive_scores_in_one_product_match_separate_passes(options):
         k, v = k[:, :1], v[:, :1]
     if options.pop("alibi", None):
         options["alibi_slopes"] = alibi_slopes(H)
-    table = torch.randn(H, 8, requires_grad=True)
+    table = torch.randn(H, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
     if options.pop("relative", None):
         options["relative"] = (table, masks.relative_buckets(37, 8, 20))
 
@@ -314,8 +314,8 @@ def test_naive_scores_in_one_product_match_separate_passes(options):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     before = results(separate_passes, torch.bfloat16)
     for got, old, want in zip(results(naive.attend, torch.bfloat16), before, exact):
-        # rounded at other places: as far from float32 within a factor of two
-        assert (got - want).abs().max() <= 2 * (old - want).abs().max() + 1e-3
+        # rounded at other places: about as far from float32 (bfloat16 keeps 8 bits: 0.4%)
+        assert (got - want).abs().max() <= 2 * (old - want).abs().max() + 0.01 * want.abs().max()
 
 
 def test_naive_scales_and_masks_inside_the_product():
