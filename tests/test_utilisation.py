@@ -95,11 +95,11 @@ cfg = build_config(overrides=["model.n_layer=1", "model.n_head=4", "model.n_embd
                               "model.attention=naive"])
 model, x = GPT(cfg.model, 65), torch.randint(0, 65, (64, 256))
 faults = []
-for _ in range(7):  # scores of 64 MiB, activations of 16 MiB: made, freed and made again
+for _ in range(10):  # scores of 64 MiB, activations of 16 MiB: made, freed and made again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model(x, x)[1].backward()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(kept, *faults[-3:])
+print(kept, *faults[-6:])
 """
 
 
@@ -115,4 +115,5 @@ def test_training_steps_reuse_freed_memory_without_page_faults():
         pytest.skip("this C library keeps its own malloc thresholds")
     # Without keep_freed_memory each step faults at least the scores' 64 MiB in again (16,384
     # pages; fewer only where transparent huge pages are always on).
-    assert sorted(faults)[1] < 1000  # now and then one more block is mapped
+    # Now and then a block is mapped again (more often when other processes press on memory).
+    assert sum(f > 1000 for f in faults) <= 2, faults
