@@ -30,13 +30,18 @@ def flops_per_token(model):
     return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def cpu_name():
-    """The CPU model as the kernel names it (Linux), else what Python's platform module knows."""
+def cpuinfo(field):
+    """The first CPU's `field` in /proc/cpuinfo (Linux), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith(field))
     except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        return None
+
+
+def cpu_name():
+    """The CPU model as the kernel names it (Linux), else what Python's platform module knows."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def device_name(device):

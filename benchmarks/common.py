@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from attnlm.utilisation import cpu_name
+from attnlm.utilisation import cpu_name, cpuinfo
 
 
 # CPU features that decide how fast low-precision matrix products can be
@@ -16,11 +16,7 @@ MATRIX_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 def cpu_flags():
     """Those of MATRIX_FLAGS this CPU has (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
+    flags = (cpuinfo("flags") or "").split()
     return [flag for flag in MATRIX_FLAGS if flag in flags]
 
 
