@@ -4,6 +4,7 @@ cli_support.Group maps expected errors to one line and an exit code (0 ok, 1 run
 usage/input, 130 interrupt, 141 pipe closed)."""
 
 import json
+import os
 
 import click
 import yaml
@@ -21,6 +22,12 @@ from attnlm.errors import InputError
 def cli(ctx, debug):
     """Train, sample and evaluate small causal Transformer language models."""
     ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand != "train" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from attnlm.distributed import shared  # torch's import, in this case only
+
+        # Each rank would do the whole job alone and write the same files: refuse, once.
+        raise shared(InputError(f"attnlm {ctx.invoked_subcommand} runs in one process; of "
+                                "attnlm's commands only train runs under torchrun"))
 
 
 @cli.command()

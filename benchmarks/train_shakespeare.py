@@ -25,6 +25,7 @@ from common import emit  # noqa: E402
 from attnlm.data import prepare_training  # noqa: E402
 from attnlm.evaluate import split_loss  # noqa: E402
 from attnlm.run import load_model, read_summary  # noqa: E402
+from attnlm.runtime import set_threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.88
@@ -48,6 +49,7 @@ def main():
     if not os.path.exists(args.data):
         emit(benchmark="train_shakespeare", skipped=f"no data at {args.data}; run data/fetch.py")
         return
+    set_threads(args.threads)  # the training runs' count: each line's `threads` reports it
     with tempfile.TemporaryDirectory() as folder:
         records = {name: measure(args, name, Path(folder) / name) for name in args.only}
         if args.plot:

@@ -163,3 +163,13 @@ def test_a_prompt_longer_than_the_window_warns_and_keeps_its_end(trained):
                              "window; keeping its last 32\n")
     end = run("generate", trained[0], "--prompt", long[-32:], "--max-new-tokens", 3, "--temperature", 0)
     assert result.stdout[len(long):] == end.stdout[32:]  # the same continuation as from the end
+
+
+@pytest.mark.parametrize("rank, says", [("0", True), ("1", False)])
+def test_only_train_runs_under_torchrun(trained, monkeypatch, rank, says):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    result = run("eval", trained[0])
+    assert result.exit_code == 2
+    assert ("attnlm eval runs in one process" in result.output) == says
+    assert "Traceback" not in result.output
