@@ -44,9 +44,9 @@ class Learned(nn.Module):
         return self.table(torch.arange(start, start + length, device=self.table.weight.device))
 
 
-def _frequencies(dim, base):
+def _frequencies(dim, base, dtype=torch.float32, device=None):
     """base^(-2i/dim) for i = 0 .. dim/2 - 1: one angular frequency per pair of dimensions."""
-    return torch.exp(torch.arange(0, dim, 2) * (-math.log(base) / dim))
+    return torch.exp(torch.arange(0, dim, 2, dtype=dtype, device=device) * (-math.log(base) / dim))
 
 
 class Sinusoidal(nn.Module):
@@ -90,28 +90,40 @@ class Rotary(nn.Module):
     Rotations keep norms. Pairing i with i + D/2 (rather than 2i with 2i+1) lets the rotation
     work on two contiguous halves."""
 
+    # Positions whose tables are built once and kept. Past them (a model with sliding windows
+    # generates without end) each call computes its own stretch, so memory stays bounded.
+    KEPT_POSITIONS = 1 << 16
+
     def __init__(self, head_dim, base):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, not {head_dim}")
-        self.register_buffer("freqs", _frequencies(head_dim, base), persistent=False)
+        self.head_dim, self.base = head_dim, base
         self._cos = self._sin = None  # tables over positions, grown on demand; see _tables
 
-    def _tables(self, end, device):
-        """cos and signed sin, (positions, D), over both halves: built once, not per call, since
-        each layer rotates queries and keys at every step."""
+    def _stretch(self, start, end, device):
+        """cos and signed sin over both halves, (end - start, D). Angles in float64: in float32
+        an angle far out (a long generation gets to position 2^24) would be off by radians."""
+        freqs = _frequencies(self.head_dim, self.base, torch.float64, device)
+        angles = torch.arange(start, end, device=device, dtype=torch.float64).unsqueeze(1) * freqs
+        cos, sin = angles.cos().float(), angles.sin().float()
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+    def _tables(self, start, end, device):
+        """The stretch for positions start .. end-1, from tables built once (each layer rotates
+        queries and keys at every step) up to KEPT_POSITIONS."""
+        if end > self.KEPT_POSITIONS:
+            return self._stretch(start, end, device)
         if self._cos is None or len(self._cos) < end or self._cos.device != device:
-            size = max(end, 2 * len(self._cos) if self._cos is not None else 0)
-            angles = torch.arange(size, device=device, dtype=torch.float32).unsqueeze(1) * self.freqs
-            cos, sin = angles.cos(), angles.sin()
-            self._cos, self._sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
-        return self._cos, self._sin
+            size = min(max(end, 2 * len(self._cos) if self._cos is not None else 0),
+                       self.KEPT_POSITIONS)
+            self._cos, self._sin = self._stretch(0, size, device)
+        return self._cos[start:end], self._sin[start:end]
 
     def forward(self, x, start):
         """x (..., T, D) at positions start .. start+T-1, rotated in x's dtype."""
-        end = start + x.size(-2)
-        cos, sin = self._tables(end, x.device)
-        return _Rotate.apply(x, cos[start:end], sin[start:end])
+        cos, sin = self._tables(start, start + x.size(-2), x.device)
+        return _Rotate.apply(x, cos, sin)
 
 
 def _rotate(x, cos, sin):

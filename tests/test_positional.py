@@ -70,6 +70,18 @@ def test_rope_gradient_is_autograds_of_the_rotation_by_hand():
     torch.testing.assert_close(x.grad.double(), reference.grad.double(), atol=1e-5, rtol=1e-5)
 
 
+def test_rope_far_positions_are_exact_and_keep_no_growing_table(monkeypatch):
+    # An endless generation (every layer windowed) reaches positions past the kept tables and
+    # past 2^24, where float32 positions lose their units digit.
+    monkeypatch.setattr(Rotary, "KEPT_POSITIONS", 64)
+    rope = Rotary(8, 10000.0)
+    x = randn(1, 2, 3, 8)
+    for start in (30, 100, 2**24 + 1):
+        torch.testing.assert_close(rope(x, start).double(), rotate_by_hand(x, range(start, start + 3), 10000.0),
+                                   atol=1e-5, rtol=1e-5)
+    assert len(rope._cos) <= 64
+
+
 def test_rope_keeps_norms():
     x = randn(2, 4, 50, 16)
     rotated = Rotary(16, 10000.0)(x, 123)
