@@ -90,16 +90,17 @@ class Rotary(nn.Module):
     Rotations keep norms. Pairing i with i + D/2 (rather than 2i with 2i+1) lets the rotation
     work on two contiguous halves."""
 
-    # Positions whose tables are built once and kept. Past them (a model with sliding windows
-    # generates without end) each call computes its own stretch, so memory stays bounded.
-    KEPT_POSITIONS = 1 << 16
+    # The most positions the kept tables cover beyond what one call needs. A model with sliding
+    # windows generates without end: its tables then slide along, so memory stays bounded.
+    KEPT_POSITIONS = 1 << 14
 
     def __init__(self, head_dim, base):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, not {head_dim}")
         self.head_dim, self.base = head_dim, base
-        self._cos = self._sin = None  # tables over positions, grown on demand; see _tables
+        self._cos = self._sin = None  # tables over positions _first.., see _tables
+        self._first = 0
 
     def _stretch(self, start, end, device):
         """cos and signed sin over both halves, (end - start, D). Angles in float64: in float32
@@ -110,15 +111,16 @@ class Rotary(nn.Module):
         return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
 
     def _tables(self, start, end, device):
-        """The stretch for positions start .. end-1, from tables built once (each layer rotates
-        queries and keys at every step) up to KEPT_POSITIONS."""
-        if end > self.KEPT_POSITIONS:
-            return self._stretch(start, end, device)
-        if self._cos is None or len(self._cos) < end or self._cos.device != device:
-            size = min(max(end, 2 * len(self._cos) if self._cos is not None else 0),
-                       self.KEPT_POSITIONS)
-            self._cos, self._sin = self._stretch(0, size, device)
-        return self._cos[start:end], self._sin[start:end]
+        """The stretch for positions start .. end-1, from tables kept between calls (each layer
+        rotates queries and keys at every step): grown on demand from position 0, and past
+        KEPT_POSITIONS rebuilt from the position asked for."""
+        if self._cos is None or self._cos.device != device or not (
+                self._first <= start and end <= self._first + len(self._cos)):
+            self._first = 0 if end <= self.KEPT_POSITIONS else start
+            grown = min(2 * len(self._cos), self.KEPT_POSITIONS) if self._cos is not None else 0
+            self._cos, self._sin = self._stretch(self._first, max(end, self._first + grown), device)
+        i, j = start - self._first, end - self._first
+        return self._cos[i:j], self._sin[i:j]
 
     def forward(self, x, start):
         """x (..., T, D) at positions start .. start+T-1, rotated in x's dtype."""
