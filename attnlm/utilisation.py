@@ -3,6 +3,7 @@ estimate), the device's measured matrix-multiply peak (cached), and their ratio 
 
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -93,6 +94,24 @@ def matmul_peak(device, dtype_name, directory=None):
 def fraction(tokens_per_s, flops, peak, processes=1):
     """The share of the matmul peak of `processes` such devices the run's model FLOPs take."""
     return tokens_per_s * flops / (peak * processes) if tokens_per_s and peak else None
+
+
+def timed_steps(step_seconds, tokens_per_step, flops, peaks):
+    """What timed training steps reached on a machine shared with other work, which only ever
+    slows a step or a peak measurement down. tokens/s from the median step, which a few slow
+    steps barely move (the mean, which they drag down, comes next to it, and the five-number
+    summary of the step times shows the spread); the share of the higher of the peaks measured
+    (before and after the steps, say), so that a slow moment while measuring a peak cannot
+    flatter the share; peak_spread says how far the lower one fell short of it."""
+    median, mean, peak = statistics.median(step_seconds), statistics.fmean(step_seconds), max(peaks)
+    quartiles = statistics.quantiles(step_seconds, n=4) if len(step_seconds) > 1 else [median] * 3
+    return {
+        "tokens_per_s": tokens_per_step / median, "tokens_per_s_mean": tokens_per_step / mean,
+        "model_flops": tokens_per_step / median * flops, "of_peak": tokens_per_step / median * flops / peak,
+        "of_peak_mean": tokens_per_step / mean * flops / peak,
+        "step_s": [min(step_seconds), *quartiles, max(step_seconds)],
+        "peak_flops": peak, "peak_spread": 1 - min(peaks) / peak,
+    }
 
 
 def describe(tokens_per_s, flops, peak, dtype_name, processes=1):

@@ -63,6 +63,34 @@ def test_the_first_step_is_kept_out_of_the_throughput():
     assert clock.tokens_per_s() == 2 * 100 / 4.0 and clock.seconds == 9.0
 
 
+def test_timed_steps_take_the_median_step_and_the_higher_peak():
+    # Five steps of 100 tokens, one slowed by other work; peaks 2e4 before, 4e4 after (a slow
+    # moment while measuring the first). 10 FLOPs a token.
+    figures = utilisation.timed_steps([1.0, 2.0, 1.0, 6.0, 1.0], 100, 10, (2e4, 4e4))
+    assert figures["tokens_per_s"] == 100 / 1.0  # the median step; the slow one moves it not
+    assert figures["tokens_per_s_mean"] == 100 / 2.2
+    assert figures["model_flops"] == 1000.0
+    assert figures["of_peak"] == 1000 / 4e4 and figures["of_peak_mean"] == pytest.approx(100 / 2.2 * 10 / 4e4)
+    assert figures["peak_flops"] == 4e4 and figures["peak_spread"] == 0.5
+    # min, quartiles (exclusive method: (n + 1)·p-th of the sorted 1, 1, 1, 2, 6), max
+    assert figures["step_s"] == [1.0, 1.0, 1.0, 4.0, 6.0]
+    one = utilisation.timed_steps([2.0], 100, 10, (1e3,))
+    assert one["step_s"] == [2.0] * 5 and one["peak_spread"] == 0
+
+
+def test_the_metrics_log_holds_each_steps_seconds(tmp_path):
+    source = text_file(tmp_path)
+    cfg = tiny_config(source, "train.max_iters=4", "train.log_interval=1")
+    summary = train(cfg, tmp_path / "run", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["step_s"] for r in rows if "loss" in r]
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert sum(seconds) == pytest.approx(summary["train_time_s"])
+    # tokens/s leave the first step out: the other three's
+    assert summary["tokens_per_s"] == pytest.approx(
+        3 * summary["sequences_per_step"] * cfg.model.block_size / sum(seconds[1:]))
+
+
 def test_a_run_reports_its_share_of_the_peak_and_its_wall_time(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(utilisation, "measure_peak", lambda device, dtype: 1e9)
     monkeypatch.setenv("ATTNLM_CACHE", str(tmp_path / "cache"))  # no figure measured before
