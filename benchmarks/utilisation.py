@@ -26,6 +26,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from attnlm.train import train  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 2  # untimed: the allocator's first requests, one-off set-up
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}  # the profiler counts their FLOPs
+COPY_WRAPPERS = {"aten::to", "aten::_to_copy", "aten::clone", "aten::reshape", "aten::contiguous"}
 MODEL_BLOCK = 256
 MODEL = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384", f"model.block_size={MODEL_BLOCK}",
          "model.dropout=0.0", "model.pos=learned", "tokenizer.kind=chars"]
@@ -77,10 +79,29 @@ def measure(name, args):
                                    (before, after)), summary, (before, after)
 
 
+def product_role(event, tokens):
+    """Which products an event is: attention's (batched), the weights' gradients (a reduction over
+    every token of the step), or the layers' (the forward's and the gradients of their inputs)."""
+    if event.name in ("aten::bmm", "aten::baddbmm"):
+        return "attention"
+    first, _ = [shape for shape in event.input_shapes if len(shape) == 2][-2:]  # mm's or addmm's
+    return "weight_gradients" if first[1] == tokens else "layers"
+
+
+def copy_source(event):
+    """The operation a copy was made for: its first caller that is not a conversion or a reshape
+    (a backward function for a gradient's: ToCopyBackward0 is the gradient of a cast)."""
+    caller = event.cpu_parent
+    while caller is not None and caller.name in COPY_WRAPPERS:
+        caller = caller.cpu_parent
+    return "(none)" if caller is None else caller.name.split(": ")[-1]
+
+
 def profile_step(cfg, peak, vocab_size=65):
-    """One training step of cfg's model on random tokens (after two to warm up) under
+    """One training step of cfg's model on random tokens (after three to warm up) under
     torch.profiler: the share of its time in matrix products, their TFLOP/s and share of the peak,
-    and the five other operations that take most (share of the step)."""
+    the same for each kind of product (product_role), the five other operations that take most
+    (share of the step), and what the copies (autocast's casts among them) were made for."""
     t, m = cfg.train, cfg.model
     model = GPT(m, vocab_size)
     forward = compiled(model) if t.compile else model
@@ -95,19 +116,33 @@ def profile_step(cfg, peak, vocab_size=65):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(), step()
-    with torch.profiler.profile(with_flops=True) as prof:
+    for _ in range(3):  # the allocator's first requests fault memory in for two steps or so
         step()
-    events = prof.key_averages()
+    with torch.profiler.profile(with_flops=True, record_shapes=True) as prof:
+        step()
+    events = prof.events()
     total = sum(e.self_cpu_time_total for e in events)
-    products = [e for e in events if e.key in PRODUCTS]
-    product_s = sum(e.self_cpu_time_total for e in products) / 1e6
-    flops = sum(e.flops for e in products)
-    others = sorted((e for e in events if e.key not in PRODUCTS), key=lambda e: -e.self_cpu_time_total)
-    return {"step_s": round(total / 1e6, 3), "matrix_products_share": round(product_s * 1e6 / total, 3),
-            "matrix_products_tflops": round(flops / product_s / 1e12, 3),
-            "matrix_products_of_peak": round(flops / product_s / peak, 3),
-            "other_shares": {e.key: round(e.self_cpu_time_total / total, 3) for e in others[:5]}}
+    products, others, copies = {}, Counter(), Counter()
+    for e in events:
+        if e.name in PRODUCTS:
+            kind = products.setdefault(product_role(e, x.numel()), [0.0, 0])
+            kind[0], kind[1] = kind[0] + e.self_cpu_time_total / 1e6, kind[1] + e.flops
+        else:
+            others[e.name] += e.self_cpu_time_total
+        if e.name == "aten::copy_":
+            copies[copy_source(e)] += e.self_cpu_time_total
+
+    def figures(seconds, flops):
+        return {"share": round(seconds * 1e6 / total, 3), "tflops": round(flops / seconds / 1e12, 3),
+                "of_peak": round(flops / seconds / peak, 3)}
+
+    product_s, flops = (sum(kind[i] for kind in products.values()) for i in (0, 1))
+    every = figures(product_s, flops)
+    return {"step_s": round(total / 1e6, 3), "matrix_products_share": every["share"],
+            "matrix_products_tflops": every["tflops"], "matrix_products_of_peak": every["of_peak"],
+            "products": {role: figures(*kind) for role, kind in sorted(products.items())},
+            "other_shares": {name: round(us / total, 3) for name, us in others.most_common(5)},
+            "copies_by_source": {name: round(us / total, 3) for name, us in copies.most_common(5)}}
 
 
 def main():
