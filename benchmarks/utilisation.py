@@ -13,7 +13,7 @@ figure is built to be neither flattered nor dragged down by a slow moment:
   untimed ones (first allocations); tokens/s come from the median step, which a few slow steps
   barely move. The mean step's figures (of_bfloat16_peak_mean) and the five-number summary of
   the step times (step_s: min, quartiles, max) stand next to it, so a noisy run shows itself.
-A setting takes 20 to 110 s on two cores of a current Xeon; run it alone on the machine.
+A setting takes 40 s to 2 min on two cores of a current Xeon; run it alone on the machine.
 
 Prints one JSON line per setting; the goal is of_bfloat16_peak >= 0.5. Then where the time of
 one step of the fastest setting goes (torch.profiler): the share of the step in matrix products,
@@ -150,7 +150,7 @@ def main():
     parser.add_argument("--data", default=str(ROOT / "data/tinyshakespeare/input.txt"))
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help=f"timed steps (after {WARMUP_STEPS} untimed)")
+    parser.add_argument("--steps", type=int, default=16, help=f"timed steps (after {WARMUP_STEPS} untimed)")
     parser.add_argument("--only", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS))
     args = parser.parse_args()
     if not os.path.exists(args.data):
