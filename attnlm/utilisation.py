@@ -97,19 +97,23 @@ def fraction(tokens_per_s, flops, peak, processes=1):
 
 
 def timed_steps(step_seconds, tokens_per_step, flops, peaks):
-    """What timed training steps reached on a machine shared with other work, which only ever
-    slows a step or a peak measurement down. tokens/s from the median step, which a few slow
-    steps barely move (the mean, which they drag down, comes next to it, and the five-number
-    summary of the step times shows the spread); the share of the higher of the peaks measured
-    (before and after the steps, say), so that a slow moment while measuring a peak cannot
-    flatter the share; peak_spread says how far the lower one fell short of it."""
-    median, mean, peak = statistics.median(step_seconds), statistics.fmean(step_seconds), max(peaks)
+    """What timed training steps reached on a machine shared with other work. Every step does
+    the same work, and others' work only ever adds time to a step or to a peak measurement, so
+    the least disturbed of each says most about the machine (the rule of Python's timeit): the
+    fastest step against the higher of the peaks measured (before and after the steps, say),
+    each peak itself the fastest of its products. The median and mean steps' figures come with
+    it, and the five-number summary of the step times (step_s): how disturbed the run was;
+    peak_spread says how far the lower peak fell short of the higher."""
+    fastest, median, mean = min(step_seconds), statistics.median(step_seconds), statistics.fmean(step_seconds)
     quartiles = statistics.quantiles(step_seconds, n=4) if len(step_seconds) > 1 else [median] * 3
+    peak = max(peaks)
     return {
-        "tokens_per_s": tokens_per_step / median, "tokens_per_s_mean": tokens_per_step / mean,
-        "model_flops": tokens_per_step / median * flops, "of_peak": tokens_per_step / median * flops / peak,
+        "tokens_per_s": tokens_per_step / fastest, "tokens_per_s_median": tokens_per_step / median,
+        "tokens_per_s_mean": tokens_per_step / mean, "model_flops": tokens_per_step / fastest * flops,
+        "of_peak": tokens_per_step / fastest * flops / peak,
+        "of_peak_median": tokens_per_step / median * flops / peak,
         "of_peak_mean": tokens_per_step / mean * flops / peak,
-        "step_s": [min(step_seconds), *quartiles, max(step_seconds)],
+        "step_s": [fastest, *quartiles, max(step_seconds)],
         "peak_flops": peak, "peak_spread": 1 - min(peaks) / peak,
     }
 

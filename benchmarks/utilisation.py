@@ -4,15 +4,17 @@ model FLOPs per token (nanoGPT's estimate) times tokens/s over this machine's bf
 matrix-multiply peak, which this run measures itself (torch.mm 4096^3 on the run's threads).
 
 The machine may be shared (virtual machines on one host: the same run has read 2x apart minutes
-apart, and nothing shows in top). Another's work only ever slows us down, so each setting's
-figure is built to be neither flattered nor dragged down by a slow moment:
-- the peak is measured just before and just after the setting's steps, and the higher one kept:
-  a peak read during a slow moment would inflate the share; peak_spread says how far apart the
-  two were;
+apart, and nothing shows in top). Each step does the same work and others' work only ever adds
+time, so each setting's figure compares the least disturbed measurements of each kind (as
+Python's timeit takes the fastest run):
 - --steps steps are timed one by one (each step's seconds from the training log) after two
-  untimed ones (first allocations); tokens/s come from the median step, which a few slow steps
-  barely move. The mean step's figures (of_bfloat16_peak_mean) and the five-number summary of
-  the step times (step_s: min, quartiles, max) stand next to it, so a noisy run shows itself.
+  untimed ones (first allocations); tokens/s from the fastest. A slow stretch has to cover
+  every step to move it (the median would move with half of them: it did, 2x, in one run);
+- the peak is measured just before and just after the steps, the fastest of three products
+  each time, and the higher one kept: a peak read during a slow moment would inflate the share.
+The median and mean steps' figures (of_bfloat16_peak_median, _mean), the five-number summary of
+the step times (step_s: min, quartiles, max) and both peaks (peak_spread) come with it, so a
+disturbed run shows itself: run it again.
 A setting takes 40 s to 2 min on two cores of a current Xeon; run it alone on the machine.
 
 Prints one JSON line per setting; the goal is of_bfloat16_peak >= 0.5. Then where the time of
@@ -166,6 +168,8 @@ def main():
              model_tflops=round(figures["model_flops"] / 1e12, 3),
              of_bfloat16_peak=round(figures["of_peak"], 3),
              bfloat16_peak_tflops=round(figures["peak_flops"] / 1e12, 3),
+             tokens_per_s_median=round(figures["tokens_per_s_median"]),
+             of_bfloat16_peak_median=round(figures["of_peak_median"], 3),
              tokens_per_s_mean=round(figures["tokens_per_s_mean"]),
              of_bfloat16_peak_mean=round(figures["of_peak_mean"], 3),
              step_s=[round(t, 3) for t in figures["step_s"]], steps_timed=args.steps,

@@ -63,17 +63,18 @@ def test_the_first_step_is_kept_out_of_the_throughput():
     assert clock.tokens_per_s() == 2 * 100 / 4.0 and clock.seconds == 9.0
 
 
-def test_timed_steps_take_the_median_step_and_the_higher_peak():
-    # Five steps of 100 tokens, one slowed by other work; peaks 2e4 before, 4e4 after (a slow
-    # moment while measuring the first). 10 FLOPs a token.
-    figures = utilisation.timed_steps([1.0, 2.0, 1.0, 6.0, 1.0], 100, 10, (2e4, 4e4))
-    assert figures["tokens_per_s"] == 100 / 1.0  # the median step; the slow one moves it not
-    assert figures["tokens_per_s_mean"] == 100 / 2.2
-    assert figures["model_flops"] == 1000.0
-    assert figures["of_peak"] == 1000 / 4e4 and figures["of_peak_mean"] == pytest.approx(100 / 2.2 * 10 / 4e4)
+def test_timed_steps_take_the_fastest_step_and_the_higher_peak():
+    # Five steps of 100 tokens, slowed by other work but one; peaks 2e4 before, 4e4 after (a
+    # slow moment while measuring the first). 10 FLOPs a token.
+    figures = utilisation.timed_steps([2.0, 1.0, 2.5, 6.0, 2.0], 100, 10, (2e4, 4e4))
+    assert figures["tokens_per_s"] == 100 / 1.0 and figures["model_flops"] == 1000.0
+    assert figures["tokens_per_s_median"] == 100 / 2.0
+    assert figures["tokens_per_s_mean"] == pytest.approx(100 / 2.7)
+    assert figures["of_peak"] == 1000 / 4e4 and figures["of_peak_median"] == 500 / 4e4
+    assert figures["of_peak_mean"] == pytest.approx(100 / 2.7 * 10 / 4e4)
     assert figures["peak_flops"] == 4e4 and figures["peak_spread"] == 0.5
-    # min, quartiles (exclusive method: (n + 1)·p-th of the sorted 1, 1, 1, 2, 6), max
-    assert figures["step_s"] == [1.0, 1.0, 1.0, 4.0, 6.0]
+    # min, quartiles (exclusive method: the (n + 1)·p-th of the sorted 1, 2, 2, 2.5, 6), max
+    assert figures["step_s"] == [1.0, 1.5, 2.0, 4.25, 6.0]
     one = utilisation.timed_steps([2.0], 100, 10, (1e3,))
     assert one["step_s"] == [2.0] * 5 and one["peak_spread"] == 0
 
