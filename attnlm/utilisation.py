@@ -17,6 +17,7 @@ PEAK_FILE = "matmul_peak.json"
 # Part of each cached peak's key: peaks measured before the product wrote into a ready output
 # counted its page faults, read low, and must not be reused.
 PEAK_METHOD = "mm-into-ready-output"
+DISTURBED = 0.15  # how far two measurements of the same work may differ before a run is doubted
 
 
 def flops_per_token(model):
@@ -103,7 +104,9 @@ def timed_steps(step_seconds, tokens_per_step, flops, peaks):
     fastest step against the higher of the peaks measured (before and after the steps, say),
     each peak itself the fastest of its products. The median and mean steps' figures come with
     it, and the five-number summary of the step times (step_s): how disturbed the run was;
-    peak_spread says how far the lower peak fell short of the higher."""
+    peak_spread says how far the lower peak fell short of the higher. disturbed: the peaks or
+    the median and fastest steps differ by more than DISTURBED (a quiet machine repeats itself
+    to a few percent): the figures are not to be trusted, run again."""
     fastest, median, mean = min(step_seconds), statistics.median(step_seconds), statistics.fmean(step_seconds)
     quartiles = statistics.quantiles(step_seconds, n=4) if len(step_seconds) > 1 else [median] * 3
     peak = max(peaks)
@@ -115,6 +118,7 @@ def timed_steps(step_seconds, tokens_per_step, flops, peaks):
         "of_peak_mean": tokens_per_step / mean * flops / peak,
         "step_s": [fastest, *quartiles, max(step_seconds)],
         "peak_flops": peak, "peak_spread": 1 - min(peaks) / peak,
+        "disturbed": 1 - min(peaks) / peak > DISTURBED or 1 - fastest / median > DISTURBED,
     }
 
 

@@ -14,7 +14,8 @@ Python's timeit takes the fastest run):
   each time, and the higher one kept: a peak read during a slow moment would inflate the share.
 The median and mean steps' figures (of_bfloat16_peak_median, _mean), the five-number summary of
 the step times (step_s: min, quartiles, max) and both peaks (peak_spread) come with it, so a
-disturbed run shows itself: run it again.
+disturbed run shows itself ("disturbed": the peaks, or the median and fastest steps, more than
+15% apart): run it again.
 A setting takes 40 s to 2 min on two cores of a current Xeon; run it alone on the machine.
 
 Prints one JSON line per setting; the goal is of_bfloat16_peak >= 0.5. Then where the time of
@@ -174,7 +175,8 @@ def main():
              of_bfloat16_peak_mean=round(figures["of_peak_mean"], 3),
              step_s=[round(t, 3) for t in figures["step_s"]], steps_timed=args.steps,
              peaks_before_after_tflops=[round(p / 1e12, 3) for p in peaks],
-             peak_spread=round(figures["peak_spread"], 3), compile_s=summary["compile_s"],
+             peak_spread=round(figures["peak_spread"], 3), disturbed=figures["disturbed"],
+             compile_s=summary["compile_s"],
              model_flops_per_token=summary["model_flops_per_token"])
     best = max(shares, key=lambda name: shares[name]["of_peak"])
     emit(benchmark="utilisation_profile", setting=best, of_bfloat16_peak=round(shares[best]["of_peak"], 3),

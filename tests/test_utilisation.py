@@ -72,11 +72,15 @@ def test_timed_steps_take_the_fastest_step_and_the_higher_peak():
     assert figures["tokens_per_s_mean"] == pytest.approx(100 / 2.7)
     assert figures["of_peak"] == 1000 / 4e4 and figures["of_peak_median"] == 500 / 4e4
     assert figures["of_peak_mean"] == pytest.approx(100 / 2.7 * 10 / 4e4)
-    assert figures["peak_flops"] == 4e4 and figures["peak_spread"] == 0.5
+    assert figures["peak_flops"] == 4e4 and figures["peak_spread"] == 0.5 and figures["disturbed"]
     # min, quartiles (exclusive method: the (n + 1)·p-th of the sorted 1, 2, 2, 2.5, 6), max
     assert figures["step_s"] == [1.0, 1.5, 2.0, 4.25, 6.0]
     one = utilisation.timed_steps([2.0], 100, 10, (1e3,))
-    assert one["step_s"] == [2.0] * 5 and one["peak_spread"] == 0
+    assert one["step_s"] == [2.0] * 5 and one["peak_spread"] == 0 and not one["disturbed"]
+    # Within 15% (the median step 10% slower than the fastest, the peaks 10% apart): trusted.
+    quiet = utilisation.timed_steps([1.0, 1.1, 1.1], 100, 10, (0.9e4, 1e4))
+    assert not quiet["disturbed"]
+    assert utilisation.timed_steps([1.0, 1.2, 1.2], 100, 10, (1e4, 1e4))["disturbed"]
 
 
 def test_the_metrics_log_holds_each_steps_seconds(tmp_path):
