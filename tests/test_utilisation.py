@@ -54,6 +54,16 @@ def test_the_peak_is_measured_once_per_dtype_and_threads_then_read(tmp_path, mon
     assert list(json.loads((tmp_path / utilisation.PEAK_FILE).read_text()).values()) == [4e12]
 
 
+def test_the_highest_peak_measured_becomes_the_cached_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(utilisation, "measure_peak", lambda device, dtype: 1e12)
+    cpu = torch.device("cpu")
+    assert utilisation.highest_peak(cpu, "bfloat16", 0.5e12, tmp_path) == 0.5e12  # nothing cached
+    assert utilisation.highest_peak(cpu, "bfloat16", 2e12, tmp_path) == 2e12
+    assert utilisation.highest_peak(cpu, "bfloat16", 0.7e12, tmp_path) == 2e12  # a slow moment's
+    assert utilisation.matmul_peak(cpu, "bfloat16", tmp_path) == 2e12  # what runs now divide by
+    assert utilisation.matmul_peak(cpu, "float32", tmp_path) == 1e12  # another dtype: its own
+
+
 def test_the_first_step_is_kept_out_of_the_throughput():
     clock = StepClock(tokens_per_step=100)
     clock.add(5.0)  # compilation, say
