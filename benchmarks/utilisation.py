@@ -92,8 +92,8 @@ def product_role(event, tokens):
     every token of the step), or the layers' (the forward's and the gradients of their inputs)."""
     if event.name in ("aten::bmm", "aten::baddbmm"):
         return "attention"
-    first, _ = [shape for shape in event.input_shapes if len(shape) == 2][-2:]  # mm's or addmm's
-    return "weight_gradients" if first[1] == tokens else "layers"
+    first = event.input_shapes[event.name == "aten::addmm"]  # addmm's first is the bias
+    return "weight_gradients" if first[-1] == tokens else "layers"
 
 
 def copy_source(event):
