@@ -300,7 +300,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if w.main:
                     metrics.write(step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s,
-                                  time_s=time.perf_counter() - began)
+                                  step_s=clock.last, time_s=time.perf_counter() - began)
             if step % t.eval_interval == 0 or step == t.max_iters:
                 tock = time.perf_counter()
                 val_loss = split_loss(forward, splits["val"], m.block_size, t.batch_size, device,
@@ -352,18 +352,20 @@ def _train(cfg, out, resume, quiet, interrupt, w):
 
 
 class StepClock:
-    """The seconds the training steps of this process took. The first is kept apart: it holds
-    one-off work (compilation with train.compile, the allocator's first requests), so the
-    throughput counts the others."""
+    """The seconds the training steps of this process took (the last one's too, for the metrics
+    log). The first is kept apart: it holds one-off work (compilation with train.compile, the
+    allocator's first requests), so the throughput counts the others."""
 
     def __init__(self, tokens_per_step):
         self.tokens_per_step, self.steps, self.first, self.seconds = tokens_per_step, 0, 0.0, 0.0
+        self.last = 0.0
 
     def add(self, seconds):
         if not self.steps:
             self.first = seconds
         self.steps += 1
         self.seconds += seconds
+        self.last = seconds
 
     def tokens_per_s(self):
         if self.steps == 1:  # nothing else to go by

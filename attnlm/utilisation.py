@@ -3,6 +3,7 @@ estimate), the device's measured matrix-multiply peak (cached), and their ratio 
 
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -16,6 +17,7 @@ PEAK_FILE = "matmul_peak.json"
 # Part of each cached peak's key: peaks measured before the product wrote into a ready output
 # counted its page faults, read low, and must not be reused.
 PEAK_METHOD = "mm-into-ready-output"
+DISTURBED = 0.15  # how far two measurements of the same work may differ before a run is doubted
 
 
 def flops_per_token(model):
@@ -69,30 +71,80 @@ def matmul_peak(device, dtype_name, directory=None):
     """The device's measured matrix-multiply FLOP/s in dtype_name on this process's threads,
     measured once per device model, thread count, dtype and torch version and then read from
     the cache (a figure measured on another CPU means nothing here)."""
+    path, key = peak_entry(device, dtype_name, directory)
+    known = read_peaks(path)
+    if key not in known:
+        known[key] = measure_peak(device, DTYPES[dtype_name])
+        write_peaks(path, known)
+    return known[key]
+
+
+def highest_peak(device, dtype_name, measured, directory=None):
+    """The higher of a peak just measured and the cached one, which it becomes: a peak read
+    while other work slowed the machine is low, never high, so the highest seen is the
+    machine's (and later runs' utilisation is measured against it)."""
+    path, key = peak_entry(device, dtype_name, directory)
+    known = read_peaks(path)
+    if measured > known.get(key, 0):
+        known[key] = measured
+        write_peaks(path, known)
+    return known[key]
+
+
+def peak_entry(device, dtype_name, directory):
+    """The cache file and the key of the peak of device in dtype_name on this process's threads."""
     key = "|".join([device_name(device), device.type, str(torch.get_num_threads()), dtype_name,
                     torch.__version__, PEAK_METHOD])
-    path = (directory or cache_dir()) / PEAK_FILE
+    return (directory or cache_dir()) / PEAK_FILE, key
+
+
+def read_peaks(path):
+    """The cached peaks, each a positive number; a damaged cache counts as empty."""
     try:
         known = json.loads(path.read_text())
-        if not isinstance(known, dict):
-            known = {}
     except (OSError, ValueError):
-        known = {}
-    peak = known.get(key)
-    if isinstance(peak, (int, float)) and peak > 0:
-        return peak
-    known[key] = measure_peak(device, DTYPES[dtype_name])
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {key: peak for key, peak in known.items() if isinstance(peak, (int, float)) and peak > 0}
+
+
+def write_peaks(path, known):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(known, indent=1))
     except OSError:
         pass  # an unwritable cache costs a measurement next time, nothing else
-    return known[key]
 
 
 def fraction(tokens_per_s, flops, peak, processes=1):
     """The share of the matmul peak of `processes` such devices the run's model FLOPs take."""
     return tokens_per_s * flops / (peak * processes) if tokens_per_s and peak else None
+
+
+def timed_steps(step_seconds, tokens_per_step, flops, peaks):
+    """What timed training steps reached on a machine shared with other work. Every step does
+    the same work, and others' work only ever adds time to a step or to a peak measurement, so
+    the least disturbed of each says most about the machine (the rule of Python's timeit): the
+    fastest step against the highest of the peaks (measured before and after the steps, say),
+    each peak itself the fastest of its products. The median and mean steps' figures come with
+    it, and the five-number summary of the step times (step_s): how disturbed the run was;
+    peak_spread says how far the lowest peak fell short of the highest. disturbed: the peaks or
+    the median and fastest steps differ by more than DISTURBED (a quiet machine repeats itself
+    to a few percent): the figures are not to be trusted, run again."""
+    fastest, median, mean = min(step_seconds), statistics.median(step_seconds), statistics.fmean(step_seconds)
+    quartiles = statistics.quantiles(step_seconds, n=4) if len(step_seconds) > 1 else [median] * 3
+    peak = max(peaks)
+    return {
+        "tokens_per_s": tokens_per_step / fastest, "tokens_per_s_median": tokens_per_step / median,
+        "tokens_per_s_mean": tokens_per_step / mean, "model_flops": tokens_per_step / fastest * flops,
+        "of_peak": tokens_per_step / fastest * flops / peak,
+        "of_peak_median": tokens_per_step / median * flops / peak,
+        "of_peak_mean": tokens_per_step / mean * flops / peak,
+        "step_s": [fastest, *quartiles, max(step_seconds)],
+        "peak_flops": peak, "peak_spread": 1 - min(peaks) / peak,
+        "disturbed": 1 - min(peaks) / peak > DISTURBED or 1 - fastest / median > DISTURBED,
+    }
 
 
 def describe(tokens_per_s, flops, peak, dtype_name, processes=1):

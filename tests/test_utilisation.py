@@ -54,6 +54,16 @@ def test_the_peak_is_measured_once_per_dtype_and_threads_then_read(tmp_path, mon
     assert list(json.loads((tmp_path / utilisation.PEAK_FILE).read_text()).values()) == [4e12]
 
 
+def test_the_highest_peak_measured_becomes_the_cached_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(utilisation, "measure_peak", lambda device, dtype: 1e12)
+    cpu = torch.device("cpu")
+    assert utilisation.highest_peak(cpu, "bfloat16", 0.5e12, tmp_path) == 0.5e12  # nothing cached
+    assert utilisation.highest_peak(cpu, "bfloat16", 2e12, tmp_path) == 2e12
+    assert utilisation.highest_peak(cpu, "bfloat16", 0.7e12, tmp_path) == 2e12  # a slow moment's
+    assert utilisation.matmul_peak(cpu, "bfloat16", tmp_path) == 2e12  # what runs now divide by
+    assert utilisation.matmul_peak(cpu, "float32", tmp_path) == 1e12  # another dtype: its own
+
+
 def test_the_first_step_is_kept_out_of_the_throughput():
     clock = StepClock(tokens_per_step=100)
     clock.add(5.0)  # compilation, say
@@ -61,6 +71,39 @@ def test_the_first_step_is_kept_out_of_the_throughput():
     clock.add(1.0)
     clock.add(3.0)
     assert clock.tokens_per_s() == 2 * 100 / 4.0 and clock.seconds == 9.0
+
+
+def test_timed_steps_take_the_fastest_step_and_the_higher_peak():
+    # Five steps of 100 tokens, slowed by other work but one; peaks 2e4 before, 4e4 after (a
+    # slow moment while measuring the first). 10 FLOPs a token.
+    figures = utilisation.timed_steps([2.0, 1.0, 2.5, 6.0, 2.0], 100, 10, (2e4, 4e4))
+    assert figures["tokens_per_s"] == 100 / 1.0 and figures["model_flops"] == 1000.0
+    assert figures["tokens_per_s_median"] == 100 / 2.0
+    assert figures["tokens_per_s_mean"] == pytest.approx(100 / 2.7)
+    assert figures["of_peak"] == 1000 / 4e4 and figures["of_peak_median"] == 500 / 4e4
+    assert figures["of_peak_mean"] == pytest.approx(100 / 2.7 * 10 / 4e4)
+    assert figures["peak_flops"] == 4e4 and figures["peak_spread"] == 0.5 and figures["disturbed"]
+    # min, quartiles (exclusive method: the (n + 1)·p-th of the sorted 1, 2, 2, 2.5, 6), max
+    assert figures["step_s"] == [1.0, 1.5, 2.0, 4.25, 6.0]
+    one = utilisation.timed_steps([2.0], 100, 10, (1e3,))
+    assert one["step_s"] == [2.0] * 5 and one["peak_spread"] == 0 and not one["disturbed"]
+    # Within 15% (the median step 10% slower than the fastest, the peaks 10% apart): trusted.
+    quiet = utilisation.timed_steps([1.0, 1.1, 1.1], 100, 10, (0.9e4, 1e4))
+    assert not quiet["disturbed"]
+    assert utilisation.timed_steps([1.0, 1.2, 1.2], 100, 10, (1e4, 1e4))["disturbed"]
+
+
+def test_the_metrics_log_holds_each_steps_seconds(tmp_path):
+    source = text_file(tmp_path)
+    cfg = tiny_config(source, "train.max_iters=4", "train.log_interval=1")
+    summary = train(cfg, tmp_path / "run", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["step_s"] for r in rows if "loss" in r]
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert sum(seconds) == pytest.approx(summary["train_time_s"])
+    # tokens/s leave the first step out: the other three's
+    assert summary["tokens_per_s"] == pytest.approx(
+        3 * summary["sequences_per_step"] * cfg.model.block_size / sum(seconds[1:]))
 
 
 def test_a_run_reports_its_share_of_the_peak_and_its_wall_time(tmp_path, monkeypatch, capsys):
