@@ -44,6 +44,8 @@ bfloat16, as they are in naive under autocast; the softmax's statistics, the out
 and the backward are float32. Any other dtype is computed in float32 throughout.
 """
 
+import bisect
+import functools
 import math
 from dataclasses import dataclass
 
@@ -179,6 +181,26 @@ class Scratch:
         return view
 
 
+class Blocks:
+    """A tensor cut along dimension dim into contiguous pieces of `size`, the first ending at
+    `phase`: a matmul reads a contiguous tile faster than a strided slice of the whole tensor
+    (oneDNN copies the slice first). Called with a range, gives a view of the piece that holds
+    it, or of the whole tensor for a range across pieces."""
+
+    def __init__(self, x, dim, size, phase):
+        self.x, self.dim = x, dim
+        self.bounds = [0, *range(phase % size or size, x.size(dim), size)]
+        ends = self.bounds[1:] + [x.size(dim)]
+        self.pieces = [x.narrow(dim, a, b - a).contiguous() for a, b in zip(self.bounds, ends)]
+        self.ends = ends
+
+    def __call__(self, j0, j1):
+        i = bisect.bisect_right(self.bounds, j0) - 1
+        if j1 <= self.ends[i]:
+            return self.pieces[i].narrow(self.dim, j0 - self.bounds[i], j1 - j0)
+        return self.x.narrow(self.dim, j0, j1 - j0)
+
+
 class Tiles:
     """Which tiles of the (Tq, Tk) scores are computed, and what is added to a tile's scores
     besides q·k: ALiBi's and the learned relative bias (in base 2, like the scores) and -inf
@@ -206,6 +228,17 @@ class Tiles:
         s = self.spec
         first = max(0, self.offset + i0 - s.window + 1) if s.window else 0
         return first, min(self.tk, self.offset + i1) if s.causal else self.tk
+
+    def first_tile(self, i0, i1):
+        """(first key seen, start, end): queries i0 .. i1-1 see keys first .. end-1, and the
+        forward takes keys start .. end-1 first. With causal attention that tile reaches back to
+        the block's first query, so that every row has seen a key, and has a finite maximum,
+        after it; the forward then goes leftwards a key block at a time from start."""
+        first, end = self.keys(i0, i1)
+        start = max(first, end - self.spec.block_k)
+        if self.spec.causal:
+            start = max(first, min(start, self.offset + i0))
+        return first, start, end
 
     def queries(self, j0, j1):
         """The queries that see some of keys j0 .. j1-1, as a range (possibly empty)."""
@@ -240,10 +273,13 @@ class Tiles:
                 bias = self.table[:, self._bucket_of(dist)]  # (H, rows, cols)
                 by_head.add_(bias.view(self.kv_heads, self.group, rows, cols).transpose(1, 2))
         if late or early:
-            mask = torch.full((rows, cols), float("-inf"), device=s.device).triu_(d0 + 1)
+            # In the scores' dtype: adding a float32 mask to bfloat16 scores takes ten times as
+            # long as the matmul that made them.
+            hidden = functools.partial(torch.full, (rows, cols), float("-inf"), device=s.device,
+                                       dtype=s.dtype)
+            mask = hidden().triu_(d0 + 1)
             if early:
-                mask.add_(torch.full((rows, cols), float("-inf"), device=s.device)
-                          .tril_(d0 - spec.window))
+                mask.add_(hidden().tril_(d0 - spec.window))
             by_head.add_(mask.view(rows, 1, cols))
 
     def add_table_grad(self, grad, ds, i0, j0):
@@ -271,13 +307,20 @@ def forward(q, k, v, tiles):
     # Keys transposed, with a row of ones under them: a query row whose extra column holds -m
     # then gets its scores minus its running maximum m from the matmul itself.
     keys = _ones_below(k)
+    # Cut on the grid of the forward's key tiles (those left of every query block's first tile
+    # fall on it when the query block is a multiple of the key block).
+    phase = tiles.first_tile(0, min(spec.block_q, tiles.tq))[1]
+    keys, v = Blocks(keys, 2, spec.block_k, phase), Blocks(v, 1, spec.block_k, phase)
     out = torch.empty(q.shape, device=dev)
     lse = torch.empty(n, q.size(1), device=dev)
     q_buf = Scratch(n * block_rows * (d + 1), dev, dtype)
     acc_buf = Scratch(n * block_rows * d, dev)
     s_buf = Scratch(n * block_rows * max(spec.block_q, spec.block_k), dev, dtype)
-    # bfloat16 products of probabilities and values are summed into the float32 accumulator
-    pv_buf = None if dtype == torch.float32 else Scratch(n * block_rows * d, dev, dtype)
+    # bfloat16 products of probabilities and values are summed into the float32 accumulator,
+    # converted in a buffer of their own: torch would allocate (and the kernel map) a new one
+    # for every tile.
+    pv_bufs = None if dtype == torch.float32 else (Scratch(n * block_rows * d, dev, dtype),
+                                                    Scratch(n * block_rows * d, dev))
     for i0 in range(0, tiles.tq, spec.block_q):
         i1 = min(i0 + spec.block_q, tiles.tq)
         r0, r1 = i0 * g, i1 * g
@@ -288,17 +331,18 @@ def forward(q, k, v, tiles):
 
         def scores(j0, j1):
             """The tile's scores in base 2, capped, biased and masked, less the extra column."""
-            s = torch.bmm(qi, keys[:, :, j0:j1], out=s_buf(n, rows, j1 - j0))
+            s = torch.bmm(qi, keys(j0, j1), out=s_buf(n, rows, j1 - j0))
             if spec.softcap:
                 s.tanh_().mul_(spec.softcap * LOG2E)
             tiles.add_bias(s, i0, j0)
             return s
 
         def accumulate(p, j0, j1):
-            if pv_buf is None:
-                acc.baddbmm_(p, v[:, j0:j1])
+            if pv_bufs is None:
+                acc.baddbmm_(p, v(j0, j1))
             else:
-                acc.add_(torch.bmm(p, v[:, j0:j1], out=pv_buf(n, rows, d)))
+                pv = torch.bmm(p, v(j0, j1), out=pv_bufs[0](n, rows, d))
+                acc.add_(pv_bufs[1](n, rows, d).copy_(pv))
 
         def rescale(j0, j1, m, l):
             """The online softmax's full step: the tile's maximum, what was summed before it
@@ -317,13 +361,8 @@ def forward(q, k, v, tiles):
                 qi[..., d] = -m_new.squeeze(-1)
             return m_new
 
-        first, end = tiles.keys(i0, i1)
-        # The first tile reaches back to the block's first query (with causal attention), so
-        # that every row has seen a key, and has a finite maximum, after it.
-        start = max(first, end - spec.block_k)
-        if spec.causal:
-            start = max(first, min(start, tiles.offset + i0))
-        # Then from right to left: the nearest keys, which usually score highest (and always do
+        first, start, end = tiles.first_tile(i0, i1)
+        # From right to left: the nearest keys, which usually score highest (and always do
         # under ALiBi), have set each row's maximum, so later tiles rarely raise it. Lazy
         # rescaling: exponentiate every later tile against the maximum so far, and keep the
         # result if no row's sum exceeds LAZY_LIMIT (no score rose far above the maximum:
