@@ -130,6 +130,33 @@ def test_tiled_bfloat16_returns_bfloat16_as_close_to_float32_as_naive(block_q, b
         assert (got.float() - want).abs().mean() <= 1.5 * (naive_got.float() - want).abs().mean()
 
 
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 24)])
+@pytest.mark.parametrize("tq,window", [(100, 0), (40, 0), (40, 30)])
+def test_tiled_bfloat16_agrees_with_naive_with_keys_before_the_queries_and_a_window(
+        tq, window, block_q, block_k):
+    """bfloat16 keys and values are cut into contiguous pieces on the grid of the forward's key
+    tiles; with queries after a prefix of keys, a window, or a query block that is no multiple
+    of the key block, some tiles lie across pieces or in part of one."""
+    q, k, v, g = qkv(tq, 100)
+    options = dict(causal=True, window=window)
+    low = run(tiled.attend, *(t.bfloat16() for t in (q, k, v, g)), block_q=block_q,
+              block_k=block_k, **options)
+    naive_low = run(naive.attend, *(t.bfloat16() for t in (q, k, v, g)), **options)
+    reference = run(naive.attend, q, k, v, g, **options)
+    for got, naive_got, want in zip(low, naive_low, reference):
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+        assert (got.float() - want).abs().mean() <= 1.5 * (naive_got.float() - want).abs().mean()
+
+
+@pytest.mark.parametrize("size,phase", [(4, 0), (4, 3), (4, 7), (5, 1), (None, 3)])
+def test_blocks_give_every_range_as_the_tensor_holds_it(size, phase):
+    x = torch.arange(2 * 13 * 3).view(2, 13, 3)
+    blocks = tiled.Blocks(x, 1, size, phase)
+    for j0 in range(13):
+        for j1 in range(j0 + 1, 14):
+            assert torch.equal(blocks(j0, j1), x[:, j0:j1])
+
+
 class MatmulDtypes(TorchDispatchMode):
     """The dtypes of the operands of every matmul run under it."""
 
