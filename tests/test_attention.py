@@ -185,8 +185,22 @@ def test_tiled_forward_multiplies_bfloat16_in_bfloat16_and_the_rest_in_float32(d
     assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype,matmul_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                (torch.float32, torch.float32)])
+def test_tiled_backward_multiplies_in_the_forwards_dtype(dtype, matmul_dtype):
+    """The backward's matmuls take bfloat16 inputs as they are too, summing the products into
+    float32 gradients."""
+    q, k, v, g = (t.to(dtype).requires_grad_() for t in qkv(64, 64))
+    out = tiled.attend(q, k, v, causal=True, scale=0.2, block_q=16, block_k=16)
+    with MatmulDtypes() as seen:
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    assert seen.dtypes == {matmul_dtype}
+    assert all(grad.dtype == dtype for grad in grads)
+
+
 def test_tiled_saves_memory_linear_in_length():
-    """Autograd keeps only q, k, v, the output and the logsumexp: nothing of size Tq x Tk."""
+    """Autograd keeps only q, k, v, the output and each row's maximum and sum: nothing of size
+    Tq x Tk."""
     t, d = 256, 16
 
     def saved_elements(attend, **blocks):
@@ -202,7 +216,7 @@ def test_tiled_saves_memory_linear_in_length():
             attend(q, k, v, causal=True, scale=0.25, **blocks)
         return sum(sizes)
 
-    linear = B * H * t * (4 * d + 1)  # q, k, v, out and one logsumexp per row
+    linear = B * H * t * (4 * d + 2)  # q, k, v, out and two statistics per row
     assert saved_elements(tiled.attend, block_q=32, block_k=32) == linear
     slopes = alibi_slopes(H)
     assert saved_elements(tiled.attend, block_q=32, block_k=32, alibi_slopes=slopes) == linear

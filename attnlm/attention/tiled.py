@@ -9,10 +9,10 @@ over the tile fewer); only a query block in which some scores rose far above it 
 full way. Key blocks that no query of the block may see (right of the causal diagonal, or left
 of every row's sliding window) are never computed, so a window of W costs T·W, not T²; the mask
 is applied only to the tiles that cross an edge. The forward saves only the output and each
-row's logsumexp; the backward recomputes every tile's probabilities from the logsumexp
-(FlashAttention-2, Dao 2023, algorithm 2):
+row's final m and l; the backward recomputes every tile's probabilities from them
+(FlashAttention-2, Dao 2023, algorithm 2, with 1/l taken into dO and its row sums):
 
-    P = exp(S - lse)   dV += Pᵀ dO   dP = dO Vᵀ   dS = P ∘ (dP - rowsum(dO ∘ O))
+    P = exp(S - m) / l   dV += Pᵀ dO   dP = dO Vᵀ   dS = P ∘ (dP - rowsum(dO ∘ O))
     dQ += dS K · scale   dK += dSᵀ Q · scale
 
 Grouped-query attention: the G query heads that share a key/value head are laid out as the rows
@@ -33,15 +33,23 @@ passes over each tile and Python's overhead per operation. So every step is one 
 over all B·Hk heads into preallocated buffers, the elementwise steps run in place, and the
 subtractions are done by the matmuls themselves: the query block carries -m in an extra column
 and the keys a row of ones under them, so that Q·Kᵀ comes out as scores minus the running
-maximum (a (D+1)-long product costs no more than a D-long one); the backward likewise takes lse
+maximum (a (D+1)-long product costs no more than a D-long one); the backward likewise takes m
 and rowsum(dO ∘ O) off inside its two score-sized products. Scores are kept in base 2 (the scale
 is multiplied by log2(e)): torch's exp2 is as fast as exp on an Intel Xeon and about three times
 faster on an AMD EPYC.
 
-bfloat16 inputs are multiplied in bfloat16 (each product accumulating in float32 inside the
-matmul, on the CPU's bfloat16 matrix units where it has them), so scores and probabilities are
-bfloat16, as they are in naive under autocast; the softmax's statistics, the output accumulator
-and the backward are float32. Any other dtype is computed in float32 throughout.
+bfloat16 inputs are multiplied in bfloat16, forward and backward (each product accumulating in
+float32 inside the matmul, on the CPU's bfloat16 matrix units where it has them), so scores,
+probabilities and dS are bfloat16, as they are in naive under autocast; the softmax's statistics,
+the output and the gradients are summed in float32. Any other dtype is computed in float32
+throughout.
+
+In bfloat16 tiled is still slower than torch's own CPU attention forward (at most 1.0x was the
+goal; 1.7 to 1.9x its time on one thread of an Intel Xeon with AMX, T = 2048 to 8192): that
+kernel does the softmax of a tile in one fused pass with a fast approximate exp while it is in
+cache, where torch's operations need one pass per step, and the exp alone over a bfloat16 tile
+(exp2_, 2 elements per ns) takes about as long as both of the tile's matmuls together.
+Forward+backward, where the matmuls weigh more, it is within 1.1 to 1.2x.
 """
 
 import bisect
@@ -149,21 +157,32 @@ def _unrows(x, batch, heads):
     return x.reshape(batch, heads, rows // group, d)
 
 
-def _ones_below(x):
-    """(N, T, D) -> (N, D+1, T): x transposed, with a row of ones under it."""
+def _ones_below(x, rows=1):
+    """(N, T, D) -> (N, D+rows, T): x transposed, with rows of ones under it."""
     n, t, d = x.shape
-    out = torch.empty(n, d + 1, t, device=x.device, dtype=x.dtype)
+    out = torch.empty(n, d + rows, t, device=x.device, dtype=x.dtype)
     out[:, :d] = x.transpose(1, 2)
-    out[:, d] = 1
+    out[:, d:] = 1
     return out
 
 
-def _beside(x, scale, column):
-    """(N, T, D) and (N, T) -> (N, T, D+1): x·scale with the column beside it."""
-    out = torch.empty(*x.shape[:-1], x.size(-1) + 1, device=x.device, dtype=x.dtype)
-    torch.mul(x, scale, out=out[..., :-1])
-    out[..., -1] = column
+def _beside(x, scale, columns):
+    """(N, T, D) and a list of (N, T) columns -> (N, T, D+columns): x·scale with the columns
+    beside it."""
+    out = torch.empty(*x.shape[:-1], x.size(-1) + len(columns), device=x.device, dtype=x.dtype)
+    torch.mul(x, scale, out=out[..., : x.size(-1)])
+    for i, column in enumerate(columns, x.size(-1)):
+        out[..., i] = column
     return out
+
+
+def _parts(x, dtype):
+    """float32 x as terms in dtype whose sum holds it to about float32's precision: x itself in
+    float32, a bfloat16 head and its remainder in bfloat16 (to 16 bits rather than 8)."""
+    if dtype == torch.float32:
+        return [x]
+    head = x.to(dtype)
+    return [head, (x - head.float()).to(dtype)]
 
 
 class Scratch:
@@ -179,6 +198,25 @@ class Scratch:
         if view is None:
             view = self.views[shape] = self.flat[: math.prod(shape)].view(shape)
         return view
+
+
+class Products:
+    """Matmul products added into float32 accumulators. bfloat16 operands are multiplied in
+    bfloat16 (accumulating in float32 inside the matmul, on the CPU's bfloat16 matrix units where
+    it has them) and the product converted in a buffer kept for it: torch would allocate a new
+    one (and the kernel map it) for every tile."""
+
+    def __init__(self, numel, device, dtype):
+        self.low = None if dtype == torch.float32 else Scratch(numel, device, dtype)
+        self.high = None if dtype == torch.float32 else Scratch(numel, device)
+
+    def add(self, acc, a, b, alpha=1):
+        """acc += alpha·(a @ b)"""
+        if self.low is None:
+            return acc.baddbmm_(a, b, alpha=alpha)
+        shape = (a.size(0), a.size(1), b.size(2))
+        product = torch.bmm(a, b, out=self.low(*shape))
+        return acc.add_(self.high(*shape).copy_(product), alpha=alpha)
 
 
 class Blocks:
@@ -287,7 +325,8 @@ class Tiles:
         """Add to the relative table's gradient grad (H, buckets) the tile's dS, summed over the
         batch and by bucket."""
         rows, cols = ds.size(1) // self.group, ds.size(2)
-        per_head = ds.view(self.batch, self.kv_heads, rows, self.group, cols).sum(0)
+        per_head = ds.view(self.batch, self.kv_heads, rows, self.group, cols).sum(
+            0, dtype=torch.float32)
         per_head = per_head.transpose(1, 2).reshape(self.heads, rows * cols)
         buckets = self._bucket_of(self._distances(rows, cols, i0, j0))
         grad.index_add_(1, buckets.flatten(), per_head)
@@ -296,7 +335,9 @@ class Tiles:
 def forward(q, k, v, tiles):
     """q (N, Tq·G, D), k and v (N, Tk, D), all contiguous, N = B·Hk, in float32 or bfloat16 (the
     matmuls' dtype; the softmax's statistics and the output are float32 either way). Returns the
-    output (N, Tq·G, D) and each row's logsumexp of the scores in base 2, (N, Tq·G), in float32."""
+    output (N, Tq·G, D) and, for each row, in float32 (N, Tq·G), the maximum m that its
+    probabilities were taken against (in base 2, held exactly in the matmuls' dtype) and the sum
+    l of exp2(score - m)."""
     spec, g = tiles.spec, tiles.group
     n, _, d = q.shape
     dev, dtype = q.device, q.dtype
@@ -314,15 +355,11 @@ def forward(q, k, v, tiles):
     cut = None if dtype == torch.float32 else spec.block_k
     keys, v = Blocks(keys, 2, cut, phase), Blocks(v, 1, cut, phase)
     out = torch.empty(q.shape, device=dev)
-    lse = torch.empty(n, q.size(1), device=dev)
+    maxima, sums = (torch.empty(n, q.size(1), device=dev) for _ in range(2))
     q_buf = Scratch(n * block_rows * (d + 1), dev, dtype)
     acc_buf = Scratch(n * block_rows * d, dev)
     s_buf = Scratch(n * block_rows * max(spec.block_q, spec.block_k), dev, dtype)
-    # bfloat16 products of probabilities and values are summed into the float32 accumulator,
-    # converted in a buffer of their own: torch would allocate (and the kernel map) a new one
-    # for every tile.
-    pv_bufs = None if dtype == torch.float32 else (Scratch(n * block_rows * d, dev, dtype),
-                                                    Scratch(n * block_rows * d, dev))
+    products = Products(n * block_rows * d, dev, dtype)
     for i0 in range(0, tiles.tq, spec.block_q):
         i1 = min(i0 + spec.block_q, tiles.tq)
         r0, r1 = i0 * g, i1 * g
@@ -340,11 +377,7 @@ def forward(q, k, v, tiles):
             return s
 
         def accumulate(p, j0, j1):
-            if pv_bufs is None:
-                acc.baddbmm_(p, v(j0, j1))
-            else:
-                pv = torch.bmm(p, v(j0, j1), out=pv_bufs[0](n, rows, d))
-                acc.add_(pv_bufs[1](n, rows, d).copy_(pv))
+            products.add(acc, p, v(j0, j1))
 
         def rescale(j0, j1, m, l):
             """The online softmax's full step: the tile's maximum, what was summed before it
@@ -387,50 +420,60 @@ def forward(q, k, v, tiles):
             if not lazy or l.max() <= LAZY_LIMIT:
                 break
         torch.div(acc, l, out=out[:, r0:r1])
-        torch.add(m.squeeze(-1), l.squeeze(-1).log2(), out=lse[:, r0:r1])
-    return out, lse
+        maxima[:, r0:r1], sums[:, r0:r1] = m.squeeze(-1), l.squeeze(-1)
+    return out, maxima, sums
 
 
-def backward(q, k, v, out, lse, grad_out, tiles):
-    """Gradients of q, k and v (in the layouts of forward) given the forward's output and lse,
+def backward(q, k, v, out, maxima, sums, grad_out, tiles):
+    """Gradients of q, k and v (in the layouts of forward) given the forward's output, maxima
+    and sums,
     and of the relative table (H, buckets) when there is one (else None). Outer loop over key
     blocks (their dK and dV stay in one buffer), inner over the query blocks that see them."""
     spec, g = tiles.spec, tiles.group
     n, _, d = q.shape
     block_rows = spec.block_q * g
     c = spec.scale / spec.softcap if spec.softcap else spec.scale * LOG2E
-    neg_lse = lse.neg()
-    # The subtractions of lse (without a cap) and of delta = rowsum(dO ∘ O) happen inside the
-    # matmuls: an extra column beside the queries and output gradients, a row of ones under each
-    # block of keys and values.
-    queries = _beside(q, c, 0 if spec.softcap else neg_lse)
-    grads = _beside(grad_out, 1, (grad_out * out).sum(dim=-1).neg_())
-    dq = torch.zeros_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dev, dtype = q.device, q.dtype
+    neg_m = maxima.neg()
+    # P = exp2(S - m) / l: the tiles are exponentiated against the forward's maxima m, so that
+    # the largest probabilities come from the smallest exponents (exp2(S - lse) would round S -
+    # lse, several units for every key, to bfloat16's 8 bits), and 1/l is taken into dO and
+    # delta = rowsum(dO ∘ O) instead. The subtractions of m (without a cap) and of delta happen
+    # inside the matmuls: extra columns beside the queries and output gradients (delta in
+    # bfloat16 as a head and its remainder), rows of ones under each block of keys and values.
+    inv_sums = sums.reciprocal()
+    delta = (grad_out.float() * out).sum(dim=-1).mul_(inv_sums).neg_()
+    grad_out = (grad_out.float() * inv_sums[..., None]).to(dtype)
+    queries = _beside(q, c, [torch.zeros_like(neg_m) if spec.softcap else neg_m])
+    grads = _beside(grad_out, 1, _parts(delta, dtype))
+    dq = torch.zeros(q.shape, device=dev)
+    dk = torch.empty(k.shape, device=dev)
+    dv = torch.empty(v.shape, device=dev)
     dtable = None if tiles.table is None else torch.zeros_like(tiles.table)
-    s_buf, dp_buf = (Scratch(n * block_rows * spec.block_k, q.device) for _ in range(2))
-    tanh_buf = Scratch(n * block_rows * spec.block_k, q.device) if spec.softcap else None
+    s_buf, dp_buf = (Scratch(n * block_rows * spec.block_k, dev, dtype) for _ in range(2))
+    tanh_buf = Scratch(n * block_rows * spec.block_k, dev, dtype) if spec.softcap else None
+    products = Products(n * max(block_rows, spec.block_k) * d, dev, dtype)
     for j0 in range(0, tiles.tk, spec.block_k):
         j1 = min(j0 + spec.block_k, tiles.tk)
         kj = k[:, j0:j1]
-        keys, values = _ones_below(kj), _ones_below(v[:, j0:j1])
+        keys = _ones_below(kj)
+        values = _ones_below(v[:, j0:j1], grads.size(-1) - d)
         dkj, dvj = dk[:, j0:j1].zero_(), dv[:, j0:j1].zero_()
         first, end = tiles.queries(j0, j1)
         for i0 in range(first, end, spec.block_q):
             i1 = min(i0 + spec.block_q, end)
             r0, r1 = i0 * g, i1 * g
             shape = (n, r1 - r0, j1 - j0)
-            # P = exp2(c·QKᵀ - lse), or with a cap exp2(cap·tanh(c·QKᵀ) - lse)
+            # l·P = exp2(c·QKᵀ - m), or with a cap exp2(cap·tanh(c·QKᵀ) - m)
             p = torch.bmm(queries[:, r0:r1], keys,
                           out=(tanh_buf if spec.softcap else s_buf)(*shape))
             if spec.softcap:
                 t = p.tanh_()
-                p = torch.add(neg_lse[:, r0:r1, None], t, alpha=spec.softcap * LOG2E,
+                p = torch.add(neg_m[:, r0:r1, None], t, alpha=spec.softcap * LOG2E,
                               out=s_buf(*shape))
             tiles.add_bias(p, i0, j0)
             p.exp2_()
-            dvj.baddbmm_(p.transpose(1, 2), grad_out[:, r0:r1])
+            products.add(dvj, p.transpose(1, 2), grad_out[:, r0:r1])
             # dS = P ∘ (dO Vᵀ - delta): the gradient of the capped, biased scores
             ds = torch.bmm(grads[:, r0:r1], values, out=dp_buf(*shape))
             ds.mul_(p)
@@ -438,8 +481,8 @@ def backward(q, k, v, out, lse, grad_out, tiles):
                 tiles.add_table_grad(dtable, ds, i0, j0)
             if spec.softcap:
                 ds.mul_(t.square_().neg_().add_(1))  # d(cap·tanh(x/cap))/dx = 1 - tanh²
-            dq[:, r0:r1].baddbmm_(ds, kj, alpha=spec.scale)
-            dkj.baddbmm_(ds.transpose(1, 2), q[:, r0:r1], alpha=spec.scale)
+            products.add(dq[:, r0:r1], ds, kj, alpha=spec.scale)
+            products.add(dkj, ds.transpose(1, 2), q[:, r0:r1], alpha=spec.scale)
     return dq, dk, dv, dtable
 
 
@@ -458,19 +501,19 @@ class TiledAttention(torch.autograd.Function):
             tiles = Tiles(spec, b, h, k.size(1), tq, k.size(2), slopes, table, buckets, q.device)
             dtype = matmul_dtype(q.dtype)
             qf, kf, vf = _rows(q, k.size(1), dtype), _flat(k, dtype), _flat(v, dtype)
-            out, lse = forward(qf, kf, vf, tiles)
-        ctx.save_for_backward(qf, kf, vf, out, lse)
+            out, maxima, sums = forward(qf, kf, vf, tiles)
+        ctx.save_for_backward(qf, kf, vf, out, maxima, sums)
         ctx.tiles = tiles
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if table is None else table.dtype)
         return _unrows(out, b, h).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = (x.float() for x in ctx.saved_tensors)
+        q, k, v, out, maxima, sums = ctx.saved_tensors
         tiles = ctx.tiles
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv, dtable = backward(q, k, v, out, lse, _rows(grad_out, tiles.kv_heads),
-                                          tiles)
+            dq, dk, dv, dtable = backward(q, k, v, out, maxima, sums,
+                                          _rows(grad_out, tiles.kv_heads, q.dtype), tiles)
         q_dtype, k_dtype, v_dtype, table_dtype = ctx.dtypes
         kv_shape = (tiles.batch, tiles.kv_heads, tiles.tk, -1)
         return (_unrows(dq, tiles.batch, tiles.heads).to(q_dtype), dk.view(kv_shape).to(k_dtype),
