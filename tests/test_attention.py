@@ -75,6 +75,41 @@ def test_alibi_tiled_and_sdpa_match_naive(tq, tk, block_q, block_k, causal):
         assert not torch.allclose(unbiased, want[0], atol=1e-3)
 
 
+class TileShapes(TorchDispatchMode):
+    """The shapes of the score tiles (the outputs of the products of queries and keys) made
+    under it."""
+
+    def __init__(self, queries):
+        super().__init__()
+        self.queries, self.shapes = queries, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket == torch.ops.aten.bmm and args[0].size(-1) > self.queries:
+            self.shapes.add(tuple(out.shape[1:]))  # a row of queries with its extra column
+        return out
+
+
+@pytest.mark.parametrize("causal,window", [(True, 0), (True, 40), (False, 0)])
+def test_tiled_backward_cuts_its_own_blocks_and_agrees_with_naive(monkeypatch, causal, window):
+    """Without blocks given, the backward takes BACKWARD_BLOCKS where it has them, the forward
+    DEFAULT_BLOCKS; the backward recomputes the forward's probabilities in its own tiles."""
+    monkeypatch.setitem(tiled.DEFAULT_BLOCKS, "cpu", {torch.float32: (16, 8)})
+    monkeypatch.setitem(tiled.BACKWARD_BLOCKS, "cpu", {torch.float32: (24, 40)})
+    q, k, v, g = qkv(70, 100)
+    options = dict(causal=causal, window=window, alibi_slopes=alibi_slopes(H))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with TileShapes(q.size(-1)) as forward:
+        out = tiled.attend(*leaves, scale=q.size(-1) ** -0.5, **options)
+    with TileShapes(q.size(-1)) as backward:
+        grads = torch.autograd.grad(out, leaves, g)
+    for seen, (rows, cols) in ((forward.shapes, (16, 8)), (backward.shapes, (24, 40))):
+        assert (rows, cols) in seen
+        assert max(r for r, _ in seen) == rows
+    assert max(c for _, c in backward.shapes) == 40
+    assert_agree((out, *grads), run(naive.attend, q, k, v, g, **options))
+
+
 def test_alibi_with_steep_slopes_masks_far_keys_in_tiled_as_in_naive():
     # Slopes of 4: far keys get biases of several hundred, exercising the online softmax's
     # rescaling with large negative scores.
