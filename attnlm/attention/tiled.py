@@ -182,8 +182,8 @@ def _ones_below(x, rows=1):
 
 
 def _beside(x, scale, columns):
-    """(N, T, D) and a list of (N, T) columns -> (N, T, D+columns): x·scale with the columns
-    beside it."""
+    """(N, T, D) and a list of (N, T) columns -> (N, T, D+columns): x·scale (a number or an
+    (N, T, 1) tensor) with the columns beside it."""
     out = torch.empty(*x.shape[:-1], x.size(-1) + len(columns), device=x.device, dtype=x.dtype)
     torch.mul(x, scale, out=out[..., : x.size(-1)])
     for i, column in enumerate(columns, x.size(-1)):
@@ -467,9 +467,8 @@ def backward(q, k, v, out, maxima, sums, grad_out, tiles):
     # bfloat16 as a head and its remainder), rows of ones under each block of keys and values.
     inv_sums = sums.reciprocal()
     delta = (grad_out.float() * out).sum(dim=-1).mul_(inv_sums).neg_()
-    grad_out = (grad_out.float() * inv_sums[..., None]).to(dtype)
     queries = _beside(q, c, [torch.zeros_like(neg_m) if spec.softcap else neg_m])
-    grads = _beside(grad_out, 1, _parts(delta, dtype))
+    grads = _beside(grad_out, inv_sums[..., None], _parts(delta, dtype))
     dq = torch.zeros(q.shape, device=dev)
     dk = torch.empty(k.shape, device=dev)
     dv = torch.empty(v.shape, device=dev)
@@ -497,7 +496,7 @@ def backward(q, k, v, out, maxima, sums, grad_out, tiles):
                               out=s_buf(*shape))
             tiles.add_bias(p, i0, j0)
             p.exp2_()
-            products.add(dvj, p.transpose(1, 2), grad_out[:, r0:r1])
+            products.add(dvj, p.transpose(1, 2), grads[:, r0:r1, :d])
             # dS = P ∘ (dO Vᵀ - delta): the gradient of the capped, biased scores
             ds = torch.bmm(grads[:, r0:r1], values, out=dp_buf(*shape))
             ds.mul_(p)
