@@ -44,12 +44,12 @@ probabilities and dS are bfloat16, as they are in naive under autocast; the soft
 the output and the gradients are summed in float32. Any other dtype is computed in float32
 throughout.
 
-In bfloat16 tiled is still slower than torch's own CPU attention forward (at most 1.0x was the
-goal; 1.7 to 1.9x its time on one thread of an Intel Xeon with AMX, T = 2048 to 8192): that
-kernel does the softmax of a tile in one fused pass with a fast approximate exp while it is in
-cache, where torch's operations need one pass per step, and the exp alone over a bfloat16 tile
-(exp2_, 2 elements per ns) takes about as long as both of the tile's matmuls together.
-Forward+backward, where the matmuls weigh more, it is within 1.1 to 1.2x.
+In bfloat16 tiled's forward is still slower than torch's own CPU attention (1.7 to 2.3x its
+time on one thread of an Intel Xeon with AMX, T = 2048 to 8192): that kernel does the softmax of
+a tile in one fused pass with a fast approximate exp while it is in cache, where torch's
+operations need one pass per step, and the exp alone over a bfloat16 tile (exp2_, 2 elements per
+ns) takes about as long as both of the tile's matmuls together. Forward+backward, where the
+matmuls weigh more, it took 0.93 to 1.2x the time.
 """
 
 import bisect
