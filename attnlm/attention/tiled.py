@@ -77,13 +77,15 @@ LAZY_LIMIT = 2.0**32
 # version of the forward), 512 rows outgrow the cache (1.3 to 1.6x sdpa's time), 64 rows pay
 # Python's overhead per tile. bfloat16 (its tiles half the bytes, and Python's overhead a larger
 # share of a faster product): 256x256, 2.0 to 2.1x sdpa's forward time at T = 2048 and 4096,
-# against 2.4 to 2.5x with 128x256 and 2.1 to 2.5x with 256x512. CUDA: a guess, not yet measured.
+# against 2.4 to 2.5x with 128x256 and 2.1 to 2.5x with 256x512; with the later forward
+# (contiguous key blocks, no float32 mask) 512x512 took 0.88 to 1.13x 256x256's time (longer at
+# T = 2048, shorter at 8192), no clear winner. CUDA: a guess, not yet measured.
 DEFAULT_BLOCKS = {"cpu": {torch.float32: (128, 256), torch.bfloat16: (256, 256)},
                   "cuda": {torch.float32: (128, 128)}}
 # The backward's blocks where they differ from the forward's. The backward makes five products
-# of each tile to the forward's two and one exponential, so it is ruled by its matmuls, which
-# bfloat16's matrix units run faster on larger tiles (with fewer products to convert and sum
-# into float32 per score). CPU, bfloat16, measured as above: 512x512 took 3% less time than
+# of each tile against the forward's two, and one exponential like it, so it is ruled by its
+# matmuls, which bfloat16's matrix units run faster on larger tiles (with fewer products to
+# convert and sum into float32 per score). CPU, bfloat16, measured as above: 512x512 took 3% less time than
 # 256x256 at T = 2048 and 18% less at 4096 and 8192 (the backward's share of forward+backward).
 BACKWARD_BLOCKS = {"cpu": {torch.bfloat16: (512, 512)}}
 
