@@ -85,8 +85,9 @@ DEFAULT_BLOCKS = {"cpu": {torch.float32: (128, 256), torch.bfloat16: (256, 256)}
 # The backward's blocks where they differ from the forward's. The backward makes five products
 # of each tile against the forward's two, and one exponential like it, so it is ruled by its
 # matmuls, which bfloat16's matrix units run faster on larger tiles (with fewer products to
-# convert and sum into float32 per score). CPU, bfloat16, measured as above: 512x512 took 3% less time than
-# 256x256 at T = 2048 and 18% less at 4096 and 8192 (the backward's share of forward+backward).
+# convert and sum into float32 per score). CPU, bfloat16, measured as above: 512x512 took 3%
+# less time than 256x256 at T = 2048 and 18% less at 4096 and 8192 (the backward's share of
+# forward+backward).
 BACKWARD_BLOCKS = {"cpu": {torch.bfloat16: (512, 512)}}
 
 
