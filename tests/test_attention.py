@@ -75,6 +75,41 @@ def test_alibi_tiled_and_sdpa_match_naive(tq, tk, block_q, block_k, causal):
         assert not torch.allclose(unbiased, want[0], atol=1e-3)
 
 
+class TileShapes(TorchDispatchMode):
+    """The shapes of the score tiles (the outputs of the products of queries and keys) made
+    under it."""
+
+    def __init__(self, queries):
+        super().__init__()
+        self.queries, self.shapes = queries, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket == torch.ops.aten.bmm and args[0].size(-1) > self.queries:
+            self.shapes.add(tuple(out.shape[1:]))  # a row of queries with its extra column
+        return out
+
+
+@pytest.mark.parametrize("causal,window", [(True, 0), (True, 40), (False, 0)])
+def test_tiled_backward_cuts_its_own_blocks_and_agrees_with_naive(monkeypatch, causal, window):
+    """Without blocks given, the backward takes BACKWARD_BLOCKS where it has them, the forward
+    DEFAULT_BLOCKS; the backward recomputes the forward's probabilities in its own tiles."""
+    monkeypatch.setitem(tiled.DEFAULT_BLOCKS, "cpu", {torch.float32: (16, 8)})
+    monkeypatch.setitem(tiled.BACKWARD_BLOCKS, "cpu", {torch.float32: (24, 40)})
+    q, k, v, g = qkv(70, 100)
+    options = dict(causal=causal, window=window, alibi_slopes=alibi_slopes(H))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with TileShapes(q.size(-1)) as forward:
+        out = tiled.attend(*leaves, scale=q.size(-1) ** -0.5, **options)
+    with TileShapes(q.size(-1)) as backward:
+        grads = torch.autograd.grad(out, leaves, g)
+    for seen, (rows, cols) in ((forward.shapes, (16, 8)), (backward.shapes, (24, 40))):
+        assert (rows, cols) in seen
+        assert max(r for r, _ in seen) == rows
+    assert max(c for _, c in backward.shapes) == 40
+    assert_agree((out, *grads), run(naive.attend, q, k, v, g, **options))
+
+
 def test_alibi_with_steep_slopes_masks_far_keys_in_tiled_as_in_naive():
     # Slopes of 4: far keys get biases of several hundred, exercising the online softmax's
     # rescaling with large negative scores.
@@ -130,6 +165,33 @@ def test_tiled_bfloat16_returns_bfloat16_as_close_to_float32_as_naive(block_q, b
         assert (got.float() - want).abs().mean() <= 1.5 * (naive_got.float() - want).abs().mean()
 
 
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 24)])
+@pytest.mark.parametrize("tq,window", [(100, 0), (40, 0), (40, 30)])
+def test_tiled_bfloat16_agrees_with_naive_with_keys_before_the_queries_and_a_window(
+        tq, window, block_q, block_k):
+    """bfloat16 keys and values are cut into contiguous pieces on the grid of the forward's key
+    tiles; with queries after a prefix of keys, a window, or a query block that is no multiple
+    of the key block, some tiles lie across pieces or in part of one."""
+    q, k, v, g = qkv(tq, 100)
+    options = dict(causal=True, window=window)
+    low = run(tiled.attend, *(t.bfloat16() for t in (q, k, v, g)), block_q=block_q,
+              block_k=block_k, **options)
+    naive_low = run(naive.attend, *(t.bfloat16() for t in (q, k, v, g)), **options)
+    reference = run(naive.attend, q, k, v, g, **options)
+    for got, naive_got, want in zip(low, naive_low, reference):
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+        assert (got.float() - want).abs().mean() <= 1.5 * (naive_got.float() - want).abs().mean()
+
+
+@pytest.mark.parametrize("size,phase", [(4, 0), (4, 3), (4, 7), (5, 1), (None, 3)])
+def test_blocks_give_every_range_as_the_tensor_holds_it(size, phase):
+    x = torch.arange(2 * 13 * 3).view(2, 13, 3)
+    blocks = tiled.Blocks(x, 1, size, phase)
+    for j0 in range(13):
+        for j1 in range(j0 + 1, 14):
+            assert torch.equal(blocks(j0, j1), x[:, j0:j1])
+
+
 class MatmulDtypes(TorchDispatchMode):
     """The dtypes of the operands of every matmul run under it."""
 
@@ -158,8 +220,22 @@ def test_tiled_forward_multiplies_bfloat16_in_bfloat16_and_the_rest_in_float32(d
     assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype,matmul_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                (torch.float32, torch.float32)])
+def test_tiled_backward_multiplies_in_the_forwards_dtype(dtype, matmul_dtype):
+    """The backward's matmuls take bfloat16 inputs as they are too, summing the products into
+    float32 gradients."""
+    q, k, v, g = (t.to(dtype).requires_grad_() for t in qkv(64, 64))
+    out = tiled.attend(q, k, v, causal=True, scale=0.2, block_q=16, block_k=16)
+    with MatmulDtypes() as seen:
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    assert seen.dtypes == {matmul_dtype}
+    assert all(grad.dtype == dtype for grad in grads)
+
+
 def test_tiled_saves_memory_linear_in_length():
-    """Autograd keeps only q, k, v, the output and the logsumexp: nothing of size Tq x Tk."""
+    """Autograd keeps only q, k, v, the output and each row's maximum and sum: nothing of size
+    Tq x Tk."""
     t, d = 256, 16
 
     def saved_elements(attend, **blocks):
@@ -175,7 +251,7 @@ def test_tiled_saves_memory_linear_in_length():
             attend(q, k, v, causal=True, scale=0.25, **blocks)
         return sum(sizes)
 
-    linear = B * H * t * (4 * d + 1)  # q, k, v, out and one logsumexp per row
+    linear = B * H * t * (4 * d + 2)  # q, k, v, out and two statistics per row
     assert saved_elements(tiled.attend, block_q=32, block_k=32) == linear
     slopes = alibi_slopes(H)
     assert saved_elements(tiled.attend, block_q=32, block_k=32, alibi_slopes=slopes) == linear
