@@ -135,12 +135,12 @@ def timed_steps(step_seconds, tokens_per_step, flops, peaks):
     fastest, median, mean = min(step_seconds), statistics.median(step_seconds), statistics.fmean(step_seconds)
     quartiles = statistics.quantiles(step_seconds, n=4) if len(step_seconds) > 1 else [median] * 3
     peak = max(peaks)
+    rates = {"": tokens_per_step / fastest, "_median": tokens_per_step / median,
+             "_mean": tokens_per_step / mean}
     return {
-        "tokens_per_s": tokens_per_step / fastest, "tokens_per_s_median": tokens_per_step / median,
-        "tokens_per_s_mean": tokens_per_step / mean, "model_flops": tokens_per_step / fastest * flops,
-        "of_peak": tokens_per_step / fastest * flops / peak,
-        "of_peak_median": tokens_per_step / median * flops / peak,
-        "of_peak_mean": tokens_per_step / mean * flops / peak,
+        **{f"tokens_per_s{name}": rate for name, rate in rates.items()},
+        **{f"of_peak{name}": fraction(rate, flops, peak) for name, rate in rates.items()},
+        "model_flops": rates[""] * flops,
         "step_s": [fastest, *quartiles, max(step_seconds)],
         "peak_flops": peak, "peak_spread": 1 - min(peaks) / peak,
         "disturbed": 1 - min(peaks) / peak > DISTURBED or 1 - fastest / median > DISTURBED,
