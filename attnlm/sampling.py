@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnlm.decode_products import split, split_is_faster, splittable
 from attnlm.model import layer_windows
 from attnlm.runtime import compiled
 
@@ -119,23 +120,28 @@ def without_onednn():
         torch.backends.mkldnn.enabled = enabled
 
 
-def forward_last(model, tokens, cache, pos):
+def forward_last(model, tokens, cache, pos, split_layers=()):
     """The model's logits at the last of tokens (B, T): (B, 1, vocab); a one-position step
-    without oneDNN (see without_onednn)."""
-    with without_onednn() if tokens.size(1) == 1 else contextlib.nullcontext():
+    without oneDNN (see without_onednn) and with split_layers' products split (see
+    decode_products)."""
+    if tokens.size(1) > 1:
+        return model(tokens, cache=cache, pos=pos, last_only=True)[0]
+    with without_onednn(), split(split_layers):
         return model(tokens, cache=cache, pos=pos, last_only=True)[0]
 
 
 @torch.inference_mode()
 def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None, use_cache=True,
-             num_samples=1):
+             num_samples=1, split_products=True):
     """Yield the next token of every sample, a (B·num_samples,) tensor, max_new_tokens times.
 
     prompt is (B, T), T >= 1; a longer prompt than block_size keeps its last block_size tokens.
     Row r + i·B of the output is sample i of prompt row r. The prompt is read once, in one pass,
     for all its samples. With use_cache, its keys and values go to a KV cache allocated once
     and then each step reads one token; without, every step re-reads the whole window (the
-    reference). The window rule is in the module's docstring.
+    reference). The window rule is in the module's docstring. On the CPU a cached step
+    splits its weight products where that was measured faster here (see decode_products);
+    split_products=False keeps them whole, as a model under torch.compile needs.
     """
     if not max_new_tokens:
         return
@@ -152,10 +158,14 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
     if controls.repetition_penalty != 1:
         seen = torch.zeros(rows, model.vocab_size, dtype=torch.bool, device=prompt.device)
         seen.scatter_(1, tokens[:, :length], True)
-    cache = None
+    cache, split_layers = None, []
     if use_cache:
         total = length + max_new_tokens
         cache = model.new_cache(rows, total if without_end else min(block, total))
+        if split_products and prompt.device.type == "cpu":
+            split_layers = splittable(model)
+            with without_onednn():
+                split_layers = split_layers if split_is_faster(split_layers, rows) else []
     logits = forward_last(model, prompt, cache, 0).repeat(num_samples, 1, 1)
     if cache is not None:
         cache.repeat(prompt.size(0))
@@ -178,7 +188,7 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
                 cache.reset()
         origin = 0 if without_end else start  # tokens[:, i] sits at position i - origin
         read = start + (cache.length if cache is not None else 0)
-        logits = forward_last(model, tokens[:, read:end], cache, read - origin)
+        logits = forward_last(model, tokens[:, read:end], cache, read - origin, split_layers)
 
 
 class IncrementalDecoder:
@@ -295,7 +305,7 @@ def complete(model, tokenizer, prompt_ids, max_new_tokens, controls=Controls(), 
         samples[row].finish = "stop" if filters[row].stopped else reason
 
     for step in generate(model, prompt, max_new_tokens, controls, generator, use_cache,
-                         num_samples):
+                         num_samples, split_products=not compile):
         for row, token_id in enumerate(step.tolist()):
             if row not in live:
                 continue

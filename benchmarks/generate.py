@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from attnlm.config import ModelConfig  # noqa: E402
 from attnlm.model import GPT  # noqa: E402
-from attnlm.sampling import Controls, compiled, generate  # noqa: E402
+from attnlm.decode_products import split_is_faster, splittable  # noqa: E402
+from attnlm.sampling import Controls, compiled, generate, without_onednn  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=1024)
 VOCAB = 65
@@ -59,10 +60,11 @@ def summary(times, cpu_seconds):
             "p90_ms": round(at(0.9) * 1e3, 3), "p90_over_p10": round(at(0.9) / at(0.1), 3)}
 
 
-def attnlm_times(model, prompt, new_tokens, use_cache):
+def attnlm_times(model, prompt, new_tokens, use_cache, split_products=True):
     """Seconds from one yielded token to the next, as a user streaming the output would see."""
     times, tick = [], time.perf_counter()
-    for _ in generate(model, prompt, new_tokens, Controls(temperature=0), use_cache=use_cache):
+    for _ in generate(model, prompt, new_tokens, Controls(temperature=0), use_cache=use_cache,
+                      split_products=split_products):
         now = time.perf_counter()
         times.append(now - tick)
         tick = now
@@ -94,6 +96,13 @@ def hf_model():
     return GPT2LMHeadModel(cfg).eval()
 
 
+def split_chosen(model):
+    """Whether a cached step of the plain model splits its products here (the choice generate
+    made in the warm-up; see attnlm.decode_products)."""
+    with torch.inference_mode(), without_onednn():
+        return split_is_faster(splittable(model), 1)
+
+
 def runners(args, models, prompt):
     """impl -> run(use_cache, new_tokens) -> the times per token; models: dtype -> model."""
     timed = {"plain": models["float32"]}
@@ -101,7 +110,8 @@ def runners(args, models, prompt):
         torch._dynamo.reset()  # compile afresh for each thread count: the compile time is news
         timed["compiled"] = compiled(models["float32"], dynamic=True)  # as generate --compile
     timed.update({f"plain-{dtype}": model for dtype, model in models.items() if dtype != "float32"})
-    found = {impl: lambda use_cache, n, m=m: attnlm_times(m, prompt, n, use_cache)
+    found = {impl: lambda use_cache, n, m=m, split=impl != "compiled":
+             attnlm_times(m, prompt, n, use_cache, split)  # as generate --compile: never split
              for impl, m in timed.items()}
     if args.hf:
         reference = hf_model()
@@ -148,6 +158,7 @@ def main():
                 tick = time.perf_counter()
                 run(use_cache, WARM_UP)
                 compile_s[impl, path] = time.perf_counter() - tick
+            base["split_products"] = {dtype: split_chosen(model) for dtype, model in models.items()}
             # Runs of the implementations alternate, so that a neighbour's load falls on all.
             for _ in range(args.repeats if use_cache else 1):
                 for impl, run in timed.items():

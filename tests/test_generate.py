@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attnlm import run as run_mod, tasks
+from attnlm import decode_products, run as run_mod, tasks
 from attnlm.attention import BACKENDS
 from attnlm.cli import cli
 from attnlm.config import ModelConfig
@@ -84,6 +84,24 @@ def test_cached_and_uncached_agree_for_every_positional_scheme(backend, pos):
         cached = tokens(model, SHORT[:3], 2 * BLOCK, controls, seed=3, rows=2)
         assert cached == tokens(model, SHORT[:3], 2 * BLOCK, controls, seed=3, rows=2,
                                 use_cache=False)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "linear"])
+def test_cached_steps_give_the_uncached_tokens_in_either_form_of_their_products(
+        run_dir, monkeypatch, split):
+    """Whichever form of the weight products this machine picks for a step (see
+    decode_products), the tokens are those of the uncached path; each layer has its own forward
+    back after generating."""
+    monkeypatch.setattr("attnlm.sampling.split_is_faster", lambda layers, rows: split)
+    calls, split_linear = [], decode_products.split_linear
+    monkeypatch.setattr(decode_products, "split_linear",
+                        lambda layer, x: calls.append(x.shape) or split_linear(layer, x))
+    model, _ = load(run_dir, "sdpa")
+    for controls in CONTROLS:
+        cached = tokens(model, LONG, 3 * BLOCK, controls, seed=7, rows=2)
+        assert cached == tokens(model, LONG, 3 * BLOCK, controls, seed=7, rows=2, use_cache=False)
+    assert bool(calls) == split and all(shape[:2] == (2, 1) for shape in calls)
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_rows_of_a_batch_are_independent_samples_and_a_seed_repeats_them(run_dir):
