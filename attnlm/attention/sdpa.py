@@ -19,7 +19,7 @@ every model runs with the default backend. tiled computes the cap inside its til
 import torch.nn.functional as F
 
 from attnlm.attention import naive
-from attnlm.attention.masks import alibi_bias, relative_bias, visible
+from attnlm.attention.masks import visible
 
 
 def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0, softcap=0.0,
@@ -34,14 +34,7 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0
     tq, tk = q.size(-2), k.size(-2)
     mask = None
     if alibi_slopes is not None or relative is not None:
-        mask = 0
-        if alibi_slopes is not None:
-            mask = mask + alibi_bias(alibi_slopes, tq, tk, causal)
-        if relative is not None:
-            mask = mask + relative_bias(relative, tq, tk, causal)
-        if causal:
-            mask = mask.masked_fill(~visible(tq, tk, causal, window, q.device), float("-inf"))
-        mask = mask.to(q.dtype)
+        mask = naive.score_bias(q, tq, tk, causal, alibi_slopes, window, relative).to(q.dtype)
     # torch's is_causal aligns the mask top-left; ours aligns the last query with the last key.
     elif window or (causal and tq != tk and tq > 1):
         mask = visible(tq, tk, causal, window, q.device)
