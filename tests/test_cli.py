@@ -49,6 +49,15 @@ def test_eval_reports_loss_perplexity_bits_per_byte(trained):
     assert report["bits_per_byte"] == pytest.approx(report["loss"] / 0.693147181, rel=1e-6)
 
 
+def test_eval_keeps_freed_memory_for_its_next_batch(trained, monkeypatch):
+    """As training does (see runtime.keep_freed_memory), before the first batch."""
+    calls = []
+    monkeypatch.setattr("attnlm.evaluate.keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr("attnlm.evaluate.split_loss",
+                        lambda *args, **kw: calls.append(2) or 1.0)
+    assert run("eval", trained[0], "--json").exit_code == 0 and calls == [1, 2]
+
+
 def test_eval_on_another_source(trained, tmp_path):
     run_dir, _ = trained
     other = tmp_path / "other.txt"
