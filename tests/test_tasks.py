@@ -210,7 +210,8 @@ TINY_COPY = "synthetic:copy,length=4,vocab=6,n=1000"
 def test_a_tiny_model_learns_to_copy_far_above_chance(tmp_path):
     # Wide enough that the copying head forms early: on seeds 0-4 and 1337, 1 and 2 threads,
     # exact match reached 0.9 by step 50-60 and stayed 1.0 to 200 (Intel Xeon with AMX; 1.0 at
-    # step 200 for each of them on an AMD EPYC too). A narrower model (n_embd=32) sat at 0% for 600 steps on some CPUs and seeds, then jumped.
+    # step 200 for each of them on an AMD EPYC too). A narrower model (n_embd=32) sat at 0% for
+    # 600 steps on some CPUs and seeds, then jumped.
     cfg = build_config(overrides=[
         f"data.source={TINY_COPY}", "model.n_layer=2", "model.n_head=4", "model.n_embd=128",
         "model.block_size=32", "train.batch_size=16", "train.max_iters=200", "train.lr=1e-3",
