@@ -61,13 +61,18 @@ class Sinusoidal(nn.Module):
 
     def __init__(self, max_len, dim):
         super().__init__()
-        self.register_buffer("freqs", _frequencies(dim, 10000.0), persistent=False)
         self.dim = dim
+        # Holds nothing: follows the model's device and dtype (model.to(torch.bfloat16)).
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     def forward(self, start, length):
-        pos = torch.arange(start, start + length, device=self.freqs.device, dtype=torch.float32)
-        angles = pos.unsqueeze(1) * self.freqs
-        table = torch.empty(length, self.dim, device=self.freqs.device)
+        # Angles in float64, as RoPE's: an endless generation gets to positions where float32
+        # angles are off by radians (its positions lose their units digit past 2^24).
+        device = self.anchor.device
+        freqs = _frequencies(self.dim, 10000.0, torch.float64, device)
+        angles = torch.arange(start, start + length, device=device, dtype=torch.float64)
+        angles = angles.unsqueeze(1) * freqs
+        table = torch.empty(length, self.dim, device=device, dtype=self.anchor.dtype)
         table[:, 0::2] = torch.sin(angles)
         table[:, 1::2] = torch.cos(angles[:, : self.dim // 2])
         return table * self.AMPLITUDE

@@ -184,6 +184,28 @@ def test_sinusoidal_shift_is_a_fixed_rotation_of_each_pair():
                                        rtol=0)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-7), (torch.bfloat16, 1e-4)])
+def test_sinusoidal_far_positions_are_exact_in_the_models_dtype(dtype, atol):
+    """Past 2^24 a float32 position loses its units digit. A table in bfloat16 (a model cast to
+    it) is the exact one rounded once."""
+    dim = 8
+    table = Sinusoidal(0, dim).to(dtype)(2**25 + 1, 3)
+    assert table.dtype == dtype
+    for row, p in enumerate(range(2**25 + 1, 2**25 + 4)):
+        for i in range(dim // 2):
+            angle = p * 10000.0 ** (-2 * i / dim)
+            expected = torch.tensor([math.sin(angle), math.cos(angle)]) * Sinusoidal.AMPLITUDE
+            torch.testing.assert_close(table[row, 2 * i: 2 * i + 2].float(), expected,
+                                       atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("pos", SCHEMES)
+def test_a_model_cast_to_bfloat16_runs_with_every_scheme(pos):
+    model = tiny(f"model.pos={pos}").to(torch.bfloat16)
+    logits = model(torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1)))[0]
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()
+
+
 # Cached against uncached, for every scheme.
 
 @pytest.mark.parametrize("backend", BACKENDS)
