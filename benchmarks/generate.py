@@ -8,7 +8,7 @@ of each kind, with ratios measured in the same process: cached / uncached, compi
 and, with --hf, attnlm / transformers' GPT-2 of the same shape (needs transformers:
 pip install -e '.[bench]', a benchmark-only extra).
 
-Every line carries split_products: per dtype, whether the plain model's cached steps split their
+Each run and summary line carries split_products: per dtype, whether the plain model's cached steps split their
 weight products on this machine (the choice generate measures; see attnlm.decode_products).
 
 "compiled" is the model under torch.compile as `attnlm generate --compile` runs it
