@@ -8,8 +8,9 @@ of each kind, with ratios measured in the same process: cached / uncached, compi
 and, with --hf, attnlm / transformers' GPT-2 of the same shape (needs transformers:
 pip install -e '.[bench]', a benchmark-only extra).
 
-Each run and summary line carries split_products: per dtype, whether the plain model's cached steps split their
-weight products on this machine (the choice generate measures; see attnlm.decode_products).
+Each run and summary line carries split_products: per dtype, whether the plain model's cached
+steps split their weight products on this machine (the choice generate measures; see
+attnlm.decode_products).
 
 "compiled" is the model under torch.compile as `attnlm generate --compile` runs it
 (attnlm.runtime.compiled: inductor, dynamic shapes, one graph for every cache length). Its compile
