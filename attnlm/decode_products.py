@@ -11,7 +11,6 @@ its first step (once per process for each set of shapes, batch and thread count)
 faster. Both give the same numbers up to rounding.
 """
 
-import contextlib
 import functools
 import time
 
@@ -37,16 +36,21 @@ def splittable(model):
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features % PARTS == 0]
 
 
-@contextlib.contextmanager
-def split(layers):
-    """Each of layers computes through split_linear while inside."""
-    for layer in layers:
-        layer.forward = functools.partial(split_linear, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
+class Split:
+    """A context in which each of layers computes through split_linear. Entered at every step,
+    so it only sets and removes an instance attribute each (2 µs a step rather than the 50 of
+    nn.Module's setattr for the 6-layer model)."""
+
+    def __init__(self, layers):
+        self.forwards = [(vars(layer), functools.partial(split_linear, layer)) for layer in layers]
+
+    def __enter__(self):
+        for attributes, forward in self.forwards:
+            attributes["forward"] = forward
+
+    def __exit__(self, *exc):
+        for attributes, _ in self.forwards:
+            del attributes["forward"]
 
 
 def _seconds(form, layers, inputs):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlm.decode_products import split, split_is_faster, splittable
+from attnlm.decode_products import Split, split_is_faster, splittable
 from attnlm.model import layer_windows
 from attnlm.runtime import compiled
 
@@ -120,14 +120,21 @@ def without_onednn():
         torch.backends.mkldnn.enabled = enabled
 
 
-def forward_last(model, tokens, cache, pos, split_layers=()):
+def forward_last(model, tokens, cache, pos, products=contextlib.nullcontext()):
     """The model's logits at the last of tokens (B, T): (B, 1, vocab); a one-position step
-    without oneDNN (see without_onednn) and with split_layers' products split (see
-    decode_products)."""
+    without oneDNN (see without_onednn) and inside products (a decode_products.Split)."""
     if tokens.size(1) > 1:
         return model(tokens, cache=cache, pos=pos, last_only=True)[0]
-    with without_onednn(), split(split_layers):
+    with without_onednn(), products:
         return model(tokens, cache=cache, pos=pos, last_only=True)[0]
+
+
+def step_products(model, rows):
+    """A Split of the model's layers for cached steps of `rows` rows: all that split, if their
+    split products were measured faster here, else none."""
+    layers = splittable(model)
+    with without_onednn():  # as the steps run
+        return Split(layers if split_is_faster(layers, rows) else ())
 
 
 @torch.inference_mode()
@@ -158,14 +165,12 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
     if controls.repetition_penalty != 1:
         seen = torch.zeros(rows, model.vocab_size, dtype=torch.bool, device=prompt.device)
         seen.scatter_(1, tokens[:, :length], True)
-    cache, split_layers = None, []
+    cache, products = None, contextlib.nullcontext()
     if use_cache:
         total = length + max_new_tokens
         cache = model.new_cache(rows, total if without_end else min(block, total))
         if split_products and prompt.device.type == "cpu":
-            split_layers = splittable(model)
-            with without_onednn():
-                split_layers = split_layers if split_is_faster(split_layers, rows) else []
+            products = step_products(model, rows)
     logits = forward_last(model, prompt, cache, 0).repeat(num_samples, 1, 1)
     if cache is not None:
         cache.repeat(prompt.size(0))
@@ -188,7 +193,7 @@ def generate(model, prompt, max_new_tokens, controls=Controls(), generator=None,
                 cache.reset()
         origin = 0 if without_end else start  # tokens[:, i] sits at position i - origin
         read = start + (cache.length if cache is not None else 0)
-        logits = forward_last(model, tokens[:, read:end], cache, read - origin, split_layers)
+        logits = forward_last(model, tokens[:, read:end], cache, read - origin, products)
 
 
 class IncrementalDecoder:

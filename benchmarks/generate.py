@@ -43,8 +43,7 @@ import torch  # noqa: E402
 
 from attnlm.config import ModelConfig  # noqa: E402
 from attnlm.model import GPT  # noqa: E402
-from attnlm.decode_products import split_is_faster, splittable  # noqa: E402
-from attnlm.sampling import Controls, compiled, generate, without_onednn  # noqa: E402
+from attnlm.sampling import Controls, compiled, generate, step_products  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=1024)
 VOCAB = 65
@@ -103,8 +102,8 @@ def hf_model():
 def split_chosen(model):
     """Whether a cached step of the plain model splits its products here (the choice generate
     made in the warm-up; see attnlm.decode_products)."""
-    with torch.inference_mode(), without_onednn():
-        return split_is_faster(splittable(model), 1)
+    with torch.inference_mode():
+        return bool(step_products(model, 1).forwards)
 
 
 def runners(args, models, prompt):

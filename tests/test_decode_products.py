@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnlm import decode_products
-from attnlm.decode_products import split, split_is_faster, split_linear, splittable
+from attnlm.decode_products import Split, split_is_faster, split_linear, splittable
 from attnlm.config import ModelConfig
 from attnlm.model import GPT
 
@@ -24,7 +24,7 @@ def test_split_layers_compute_through_split_linear_inside_only():
     layers = splittable(model)
     assert layers and model.head not in layers  # 65 rows do not split in four
     x = torch.randn(1, 1, 32)
-    with split(layers):
+    with Split(layers):
         inside = layers[0](x)
         assert "forward" in vars(layers[0])
     assert not any("forward" in vars(m) for m in model.modules())
