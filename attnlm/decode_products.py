@@ -28,12 +28,14 @@ def split_linear(layer, x):
     rows = x.reshape(-1, x.size(-1)).t().expand(PARTS, -1, -1)
     y = torch.bmm(weight.view(PARTS, -1, weight.size(1)), rows)  # (PARTS, out / PARTS, N)
     y = y.permute(2, 0, 1).reshape(*x.shape[:-1], weight.size(0))
-    return y if layer.bias is None else y + layer.bias
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)  # y's dtype under autocast
 
 
 def splittable(model):
-    """The model's linear layers whose rows split into PARTS equal parts."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features % PARTS == 0]
+    """The model's linear layers whose (contiguous) rows split into PARTS equal parts, less any
+    whose forward is already replaced on the instance: Split would lose it."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in vars(m)
+            and m.out_features % PARTS == 0 and m.weight.is_contiguous()]
 
 
 class Split:

@@ -72,10 +72,10 @@ class Sinusoidal(nn.Module):
         freqs = _frequencies(self.dim, 10000.0, torch.float64, device)
         angles = torch.arange(start, start + length, device=device, dtype=torch.float64)
         angles = angles.unsqueeze(1) * freqs
-        table = torch.empty(length, self.dim, device=device, dtype=self.anchor.dtype)
+        table = torch.empty(length, self.dim, device=device, dtype=torch.float64)
         table[:, 0::2] = torch.sin(angles)
         table[:, 1::2] = torch.cos(angles[:, : self.dim // 2])
-        return table * self.AMPLITUDE
+        return (table * self.AMPLITUDE).to(self.anchor.dtype)  # rounded once
 
 
 ABSOLUTE = {"learned": Learned, "sinusoidal": Sinusoidal}

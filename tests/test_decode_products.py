@@ -19,16 +19,32 @@ def test_split_linear_computes_the_layers_product(bias, shape):
     assert torch.allclose(split_linear(layer, x), layer(x), rtol=1e-12, atol=1e-12)
 
 
-def test_split_layers_compute_through_split_linear_inside_only():
+def test_split_layers_compute_through_split_linear_inside_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(decode_products, "split_linear",
+                        lambda layer, x: calls.append(layer) or split_linear(layer, x))
     model = GPT(ModelConfig(block_size=8, n_layer=1, n_head=2, n_embd=32), 65)
     layers = splittable(model)
     assert layers and model.head not in layers  # 65 rows do not split in four
     x = torch.randn(1, 1, 32)
     with Split(layers):
         inside = layers[0](x)
-        assert "forward" in vars(layers[0])
-    assert not any("forward" in vars(m) for m in model.modules())
-    assert torch.allclose(inside, split_linear(layers[0], x))
+    outside = layers[0](x)
+    assert calls == [layers[0]] and not any("forward" in vars(m) for m in model.modules())
+    assert torch.allclose(inside, outside, atol=1e-6)
+
+
+def test_a_layer_whose_forward_is_replaced_already_is_left_alone():
+    model = GPT(ModelConfig(block_size=8, n_layer=1, n_head=2, n_embd=32), 65)
+    own = model.blocks[0].mlp.fc.forward = lambda x: x
+    assert model.blocks[0].mlp.fc not in splittable(model)
+    assert model.blocks[0].mlp.fc.forward is own
+
+
+def test_split_linear_keeps_the_dtype_autocast_gives():
+    layer = torch.nn.Linear(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert split_linear(layer, torch.randn(1, 32)).dtype == layer(torch.randn(1, 32)).dtype
 
 
 @pytest.mark.parametrize("split_seconds, wins", [(1.0, True), (3.0, False)])
