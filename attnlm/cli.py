@@ -86,9 +86,10 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
               help="Re-read the whole window at every step instead of using the KV cache (slow; "
                    "for comparison). Produces the same text.")
 @click.option("--compile", "compile_steps", is_flag=True,
-              help="Run the model under torch.compile: about 1.25x the tokens/s once compiled, "
-                   "after 5-40 s of compiling before the first token; pays for long generations "
-                   "(over some 10,000 tokens on a CPU). Produces the same text.")
+              help="Run the model under torch.compile, after 5-50 s of compiling before the "
+                   "first token. Whether it is faster then depends on the CPU: up to 1.25x the "
+                   "tokens/s on an Intel Xeon (paying past some 10,000 tokens), slower on an AMD "
+                   "EPYC; benchmarks/generate.py measures yours. Produces the same text.")
 @machine_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (each sample's text and token count, tokens/s) "
