@@ -44,9 +44,14 @@ class Learned(nn.Module):
         return self.table(torch.arange(start, start + length, device=self.table.weight.device))
 
 
-def _frequencies(dim, base, dtype=torch.float32, device=None):
-    """base^(-2i/dim) for i = 0 .. dim/2 - 1: one angular frequency per pair of dimensions."""
-    return torch.exp(torch.arange(0, dim, 2, dtype=dtype, device=device) * (-math.log(base) / dim))
+def _angles(start, end, dim, base, device):
+    """(end - start, dim/2): position·base^(-2i/dim) for positions start .. end-1, one angular
+    frequency per pair of dimensions. In float64: in float32 an angle far out (an endless
+    generation gets past position 2^24, where float32 positions lose their units digit) would be
+    off by radians."""
+    positions = torch.arange(start, end, device=device, dtype=torch.float64)
+    pairs = torch.arange(0, dim, 2, device=device, dtype=torch.float64)
+    return positions.unsqueeze(1) * torch.exp(pairs * (-math.log(base) / dim))
 
 
 class Sinusoidal(nn.Module):
@@ -66,12 +71,8 @@ class Sinusoidal(nn.Module):
         self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     def forward(self, start, length):
-        # Angles in float64, as RoPE's: an endless generation gets to positions where float32
-        # angles are off by radians (its positions lose their units digit past 2^24).
         device = self.anchor.device
-        freqs = _frequencies(self.dim, 10000.0, torch.float64, device)
-        angles = torch.arange(start, start + length, device=device, dtype=torch.float64)
-        angles = angles.unsqueeze(1) * freqs
+        angles = _angles(start, start + length, self.dim, 10000.0, device)
         table = torch.empty(length, self.dim, device=device, dtype=torch.float64)
         table[:, 0::2] = torch.sin(angles)
         table[:, 1::2] = torch.cos(angles[:, : self.dim // 2])
@@ -108,10 +109,8 @@ class Rotary(nn.Module):
         self._first = 0
 
     def _stretch(self, start, end, device):
-        """cos and signed sin over both halves, (end - start, D). Angles in float64: in float32
-        an angle far out (a long generation gets to position 2^24) would be off by radians."""
-        freqs = _frequencies(self.head_dim, self.base, torch.float64, device)
-        angles = torch.arange(start, end, device=device, dtype=torch.float64).unsqueeze(1) * freqs
+        """cos and signed sin over both halves, (end - start, D)."""
+        angles = _angles(start, end, self.head_dim, self.base, device)
         cos, sin = angles.cos().float(), angles.sin().float()
         return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
 
