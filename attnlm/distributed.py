@@ -171,15 +171,24 @@ def full_state(model, optimizer):
     """(model, optimizer) state dicts as one process would hold them, without DDP's `module.` or
     torch.compile's `_orig_mod.` prefixes; every rank must call it (FSDP2 gathers the shards),
     rank 0 receives them."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer,
-                                                                               options=FULL)
+    model_state = get_model_state_dict(model, options=FULL)
+    if not optimizer.state:  # before the first step, which get_optimizer_state_dict would take
+        # with zero gradients to make a state (AdamW's step count would then start at 1)
+        return model_state, optimizer.state_dict()
+    return model_state, get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
 def load_full_state(model, optimizer, model_state, optimizer_state):
-    """The inverse of full_state: every rank loads the whole state and keeps its share."""
+    """The inverse of full_state: every rank loads the whole state and keeps its share. The
+    optimizer keeps the settings it was made with (the run's config, which a resume may change:
+    weight decay, betas); the checkpoint gives it its state (moments, step counts)."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     if all(isinstance(key, int) for key in optimizer_state["state"]):
-        optimizer.load_state_dict(optimizer_state)  # saved by attnlm before torchrun jobs
+        # saved before the first step, or by attnlm before torchrun jobs
+        optimizer.load_state_dict(optimizer_state)
     else:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    for group, kept in zip(optimizer.param_groups, settings, strict=True):
+        group.update(kept)

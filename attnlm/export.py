@@ -365,7 +365,7 @@ def import_gpt2(src, out, yaml_doc=None, overrides=()):
             "model": model.state_dict(),
             "optimizer": make_optimizer(model, cfg.train).state_dict(),
             "scaler": {}, "sampler": {"generator": torch.Generator().manual_seed(cfg.train.seed).get_state()},
-            "rng": {"torch": torch.get_rng_state()}, "world_size": 1, "step": 0,
+            "world_size": 1, "step": 0,
             "best_val_loss": math.inf,
         })
     return cfg

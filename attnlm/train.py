@@ -75,6 +75,9 @@ def resume_config(out, yaml_doc, overrides):
     for section in ("model", "tokenizer", "data"):
         if getattr(cfg, section) != getattr(saved, section):
             raise InputError(f"cannot change the {section} section when resuming {out}")
+    if cfg.train.optimizer != saved.train.optimizer:
+        raise InputError(f"cannot change train.optimizer when resuming {out}: the run's optimizer "
+                         f"state is {saved.train.optimizer}'s")
     if cfg.train.grad_accum == saved.train.grad_accum:
         cfg = keep_step_size(cfg, ckpt.get("world_size", 1), distributed.world())
     return cfg
@@ -157,6 +160,16 @@ def _out_of_memory(err):
     return isinstance(err, torch.OutOfMemoryError) or any(s in str(err) for s in OUT_OF_MEMORY)
 
 
+def build_model(m, vocab_size, device):
+    try:
+        return GPT(m, vocab_size).to(device)
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        raise AttnlmError(f"out of memory making the model on {device.type}; make it smaller "
+                          "(model.n_layer, model.n_embd, model.mlp_hidden, model.block_size)") from None
+
+
 def diverged(val_loss, vocab_size):
     """A val loss no model worth keeping has: not finite, or over twice that of guessing
     uniformly (ln V), which even an untrained model scores about."""
@@ -198,7 +211,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
         say(warning)
     keep_freed_memory()  # a step's activations are the next step's: no page faults for them
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = GPT(m, tokenizer.vocab_size).to(device)
+    model = build_model(m, tokenizer.vocab_size, device)
     trained = distributed.wrap(model, w, t.parallel, device)  # what the job's state lives in
     # Compiled around the wrapper (DDP then splits the graph at its gradient buckets); the
     # state dicts are still taken from `trained`, so their keys never carry `_orig_mod.`.
@@ -212,7 +225,6 @@ def _train(cfg, out, resume, quiet, interrupt, w):
         sampler.load_state_dict(ckpt["sampler"])
         if ckpt.get("scaler"):  # empty where the run trained without float16
             scaler.load_state_dict(ckpt["scaler"])
-        restore_random_state(ckpt["rng"], device, w)
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
     resumed, ckpt = ckpt is not None, None  # restored: its tensors need not stay in memory
     interrupt.check()  # the last moment at which nothing has been written
@@ -224,7 +236,6 @@ def _train(cfg, out, resume, quiet, interrupt, w):
     def save():
         # Every rank takes part (FSDP gathers the shards); rank 0 writes.
         model_state, optimizer_state = distributed.full_state(trained, optimizer)
-        rng = random_state(device, w)
         if w.main:
             if not saved["config"]:  # config.yaml changes with the first checkpoint of this process
                 run.write_config(out, cfg)
@@ -232,7 +243,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
             run.save_checkpoint(out, {
                 "config": config_mod.to_dict(cfg), "tokenizer": tokenizer.state(),
                 "model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-                "sampler": sampler.state_dict(), "rng": rng, "world_size": w.size,
+                "sampler": sampler.state_dict(), "world_size": w.size,
                 "step": step, "best_val_loss": best_val, "data_sha256": ready.data_sha256,
             }, t.keep_last)
         saved["step"] = step
@@ -270,6 +281,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
             loss_value = 0.0
             for i, mine in enumerate(starts[:, w.rank]):
                 x, y = sampler.windows_at(mine)
+                seed_micro_batch(t.seed, step, i * w.size + w.rank)
                 with distributed.gradient_sync(trained, i == t.grad_accum - 1):
                     with ready.amp:  # the forward pass alone: backward runs in the forward's dtypes
                         # The loss trained on, the head-diversity penalty included (val is without).
@@ -379,16 +391,9 @@ def run_seconds(out):
     return next((r["time_s"] for r in reversed(run.read_metrics(out)) if "time_s" in r), 0.0)
 
 
-def random_state(device, w):
-    """The CPU generator's state (the same on every rank: one seed) and, on CUDA, each rank's
-    device generator's, in rank order."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = distributed.gather(torch.cuda.get_rng_state(device), w)
-    return state
-
-
-def restore_random_state(state, device, w):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda"):
-        torch.cuda.set_rng_state(state["cuda"][w.rank % len(state["cuda"])], device)
+def seed_micro_batch(seed, step, index):
+    """Seed torch's generators (dropout's) for micro-batch `index` of a step, numbered across
+    the whole job: its masks are then the same whichever process draws it and whether or not
+    the run was resumed, so a job of several processes trains as one process would."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little"))

@@ -53,7 +53,8 @@ def device_name(device):
 def measure_peak(device, dtype, size=PEAK_SIZE, repeats=3):
     """FLOP/s of the fastest of `repeats` size x size x size products (after one to warm up),
     into one output made beforehand: the matrix units' figure, whatever the allocator does."""
-    a, b, out = (torch.randn(size, size, device=device).to(dtype) for _ in range(3))
+    numbers = torch.Generator(device).manual_seed(0)  # not the global one: training's seeds stay
+    a, b, out = (torch.randn(size, size, device=device, generator=numbers).to(dtype) for _ in range(3))
     best = float("inf")
     for i in range(repeats + 1):
         if device.type == "cuda":

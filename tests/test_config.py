@@ -149,6 +149,9 @@ def test_the_registries_hold_exactly_the_names_the_config_accepts():
     ("train.device=mps", "train.device='mps' must be one of auto, cpu, cuda or cuda:N"),
     ("train.device=cuda1", "(did you mean 'cuda'?)"),
     ("train.dtype=bf16", "train.dtype='bf16' must be one of float32, bfloat16, float16"),
+    ("train.batch_size=1e19", "train.batch_size=10000000000000000000 must be at most 2**31 - 1"),
+    (f"model.n_embd={2**31}", "model.n_embd=2147483648 must be at most 2**31 - 1"),
+    ("train.threads=100000", "train.threads=100000 must be at most 1024"),
 ])
 def test_values_that_would_fail_later_are_refused_at_config_time(override, message):
     with pytest.raises(ConfigError) as err:

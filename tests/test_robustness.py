@@ -160,6 +160,19 @@ def test_out_of_memory_is_explained_and_keeps_the_checkpoint(tmp_path, monkeypat
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
 
 
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch):
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 2199023255552 bytes.")
+
+    monkeypatch.setattr("attnlm.model.GPT.__init__", no_memory)
+    result = invoke("train", "--out", tmp_path / "run", "--set", f"data.source={text_file(tmp_path)}",
+                    *[x for o in TINY for x in ("--set", o)])
+    assert result.exit_code == 1, result.output
+    assert "out of memory making the model" in result.stderr and "model.n_embd" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     train(tiny_config(text_file(tmp_path), "train.max_iters=10"), tmp_path / "run", quiet=True)
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()

@@ -7,10 +7,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from attnlm import checkpoint
+from attnlm import checkpoint, tokenizer as tokenizer_mod
 from attnlm.cli import cli
 from attnlm.config import build_config
 from attnlm.errors import AttnlmError, InputError
+from attnlm.model import GPT
 from attnlm.runtime import slow_dtype_warning
 from attnlm.run import load_model, lock as run_lock
 from attnlm.train import fix_schedule, lr_at, resume_config, train
@@ -47,7 +48,7 @@ def test_run_directory_holds_everything(tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     source = text_file(tmp_path)
-    # Dropout: the RNG state must resume too. A fixed decay horizon: the same schedule for both.
+    # Dropout: its masks must resume too. A fixed decay horizon: the same schedule for both.
     same = ["model.dropout=0.1", "train.lr_decay_iters=20"]
     train(tiny_config(source, *same), tmp_path / "full", quiet=True)
     half = tiny_config(source, *same, "train.max_iters=10")
@@ -244,3 +245,29 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["train"]["lr_decay_iters"] == 20
     assert not (tmp_path / "r").exists()
+
+
+def test_the_first_step_is_adamws_first_step(tmp_path):
+    # Adam's bias correction makes its first update lr·g/(|g| + eps): lr for every weight with a
+    # gradient. The checkpoint written before the first step must not have counted a step.
+    cfg = tiny_config(text_file(tmp_path), "train.max_iters=1", "train.warmup_iters=0",
+                      "train.weight_decay=0", "train.grad_clip=0")
+    train(cfg, tmp_path / "run", quiet=True)
+    saved = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    torch.manual_seed(cfg.train.seed)
+    start = GPT(cfg.model, tokenizer_mod.from_state(saved["tokenizer"]).vocab_size).state_dict()
+    moved = torch.cat([(saved["model"][k] - start[k]).abs().flatten() for k in start])
+    ratios = moved[moved > 0] / lr_at(0, cfg.train)
+    assert ratios.median() == pytest.approx(1.0, abs=1e-3) and ratios.max() < 1.001
+    assert {s["step"].item() for s in saved["optimizer"]["state"].values()} == {1.0}
+
+
+def test_resume_takes_the_new_optimizer_settings_and_refuses_another_optimizer(tmp_path):
+    train(tiny_config(text_file(tmp_path), "train.max_iters=2"), tmp_path / "run", quiet=True)
+    new = ["train.max_iters=4", "train.weight_decay=0.5", "train.beta1=0.5"]
+    train(resume_config(tmp_path / "run", None, new), tmp_path / "run", resume=True, quiet=True)
+    groups = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.5, (0.5, 0.99)),
+                                                                          (0.0, (0.5, 0.99))]
+    with pytest.raises(InputError, match="cannot change train.optimizer"):
+        resume_config(tmp_path / "run", None, ["train.optimizer=muon"])

@@ -34,6 +34,16 @@ def test_measure_peak_is_two_n_cubed_over_the_fastest_product(monkeypatch):
     assert utilisation.measure_peak(torch.device("cpu"), torch.float32, size=4) == 2 * 4**3 / 1.0
 
 
+def test_measuring_the_peak_leaves_the_global_generator_alone():
+    # A run measures the peak after seeding: drawing from torch's generator there would make its
+    # dropout depend on whether the peak was already in the cache.
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    utilisation.measure_peak(torch.device("cpu"), torch.float32, size=8, repeats=1)
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_the_peak_is_measured_once_per_dtype_and_threads_then_read(tmp_path, monkeypatch):
     measured = []
     monkeypatch.setattr(utilisation, "measure_peak",
