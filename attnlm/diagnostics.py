@@ -25,7 +25,9 @@ def captured_attention(model):
 
     def spying_on(attend):
         def spy(q, k, v, *, dropout_p=0.0, **options):
-            captured.append(naive.probabilities(q.float(), k.float(), **options))  # no dropout
+            additive = options.get("additive")  # the only weight among the options
+            in_float = {**options, "additive": additive.float()} if additive is not None else options
+            captured.append(naive.probabilities(q.float(), k.float(), **in_float))  # no dropout
             return attend(q, k, v, dropout_p=dropout_p, **options)
         return spy
 

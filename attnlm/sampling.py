@@ -67,14 +67,15 @@ def apply_top_k(logits, k):
 
 def apply_top_p(logits, p):
     """Nucleus filtering: keep the smallest set of likeliest tokens whose probability mass
-    reaches p. A token stays while the mass of the tokens likelier than it is below p."""
+    reaches p (and any tied with the least likely of them). A token stays while the mass of the
+    tokens likelier than it is below p."""
     if p >= 1:
         return logits
-    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    ordered = torch.sort(logits, dim=-1, descending=True).values
     probs = torch.softmax(ordered, dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+    dropped = probs.cumsum(dim=-1) - probs >= p  # never the first: the likeliest token stays
+    least = ordered.masked_fill(dropped, float("inf")).amin(dim=-1, keepdim=True)
+    return logits.masked_fill(logits < least, float("-inf"))
 
 
 def apply_min_p(logits, min_p):

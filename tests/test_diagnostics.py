@@ -66,6 +66,18 @@ def test_capturing_changes_no_output_and_restores_the_backend(attention, pos):
     assert [block.attn.attend for block in model.blocks] == before
 
 
+@pytest.mark.parametrize("options", [{}, {"score": "additive"}, {"pos": "relative"}])
+def test_a_bfloat16_models_attention_is_its_float32_copys_to_bfloat16s_precision(options):
+    # The probabilities are recomputed in float32 from the bfloat16 model's own q and k (and its
+    # additive score's weight): a float32 copy of the model gives them to bfloat16's precision.
+    model = small_model("naive", **{"pos": "learned", **options})
+    ids = list(range(1, 17))
+    in_bf16 = diagnostics.attention_of(model.to(torch.bfloat16), ids)
+    in_fp32 = diagnostics.attention_of(model.float(), ids)
+    for got, want in zip(in_bf16, in_fp32):
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=0.05)
+
+
 def test_attention_with_no_query_signal_scores_the_maximum():
     # layer 0 windowed to 5 keys, layer 1 full: each reaches its own maximum
     model = small_model(window=5, window_pattern="SL")

@@ -44,6 +44,13 @@ def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p(p, expected):
     assert kept(apply_top_p(LOGITS, p)) == [expected]
 
 
+def test_top_p_keeps_every_token_tied_with_the_least_likely_kept():
+    # Sorting alone would keep ids 1, 2, 4 (mass 0.6) and drop id 5, as likely as 2 and 4.
+    logits = torch.tensor([[0.1, 0.2, 0.2, 0.1, 0.2, 0.2]]).log()
+    assert kept(apply_top_p(logits, 0.5)) == [[1, 2, 4, 5]]
+    assert kept(apply_top_p(torch.zeros(1, 4), 0.5)) == [[0, 1, 2, 3]]  # like top-k's ties
+
+
 def test_top_p_works_row_by_row():
     logits = torch.cat([LOGITS, LOGITS.flip(-1)])
     assert kept(apply_top_p(logits, 0.45)) == [[1, 3], [0, 2]]
