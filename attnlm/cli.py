@@ -291,7 +291,7 @@ def export_command(run, out):
     sinusoidal and no positions as GPT-2, RoPE as GPT-NeoX, ALiBi without biases as MPT;
     RoPE + RMSNorm + SwiGLU (any n_kv_head) as Llama, with QK-norm as Qwen3, with windows as
     Mistral (every layer) or Ministral (some); what no architecture computes exactly is
-    refused. Needs attnlm[hf]."""
+    refused. OUT must be new or empty. Needs attnlm[hf]."""
     from attnlm.export import export_run
 
     arch = export_run(run, out)

@@ -18,13 +18,14 @@ Needs the optional extra: pip install 'attnlm[hf]'.
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
 
 from attnlm import config as config_mod, run as run_mod
 from attnlm.errors import InputError
-from attnlm.files import atomic_write
+from attnlm.files import atomic_write, temp_path
 from attnlm.hf_tokenizer import LIMITS, HFTokenizer, require, to_hf, tokenizer_config
 from attnlm.model import RMS_EPS, kv_heads, layer_windows, mlp_width
 
@@ -239,14 +240,26 @@ def export_run(run, out):
     config = hf_config(cfg.model, tokenizer.vocab_size, eos_id, arch)
     tensors = hf_tensors(model, arch)
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} is not a new or empty directory; export into one (nothing in "
+                         "it is replaced: it could be a run, or another export)")
+    # Written beside it, then renamed into place: the export appears whole or not at all.
+    staging = temp_path(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True)
     except OSError as err:
         raise InputError(f"cannot create {out}: {err.strerror}") from None
-    atomic_write(out / WEIGHTS, safetensors_torch.save(tensors, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG, config.to_json_string())
-    atomic_write(out / "tokenizer.json", to_hf(tokenizer))
-    atomic_write(out / "tokenizer_config.json", tokenizer_config(tokenizer, cfg.model.block_size))
+    try:
+        atomic_write(staging / WEIGHTS, safetensors_torch.save(tensors, metadata={"format": "pt"}))
+        atomic_write(staging / CONFIG, config.to_json_string())
+        atomic_write(staging / "tokenizer.json", to_hf(tokenizer))
+        atomic_write(staging / "tokenizer_config.json",
+                     tokenizer_config(tokenizer, cfg.model.block_size))
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if tokenizer.kind in LIMITS:
         run_mod.note(f"note: the exported {tokenizer.kind} tokenizer gives attnlm's ids except: "
                      f"{LIMITS[tokenizer.kind]}")

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from attnlm.errors import InputError
+from attnlm.errors import AttnlmError, InputError
 from attnlm.files import atomic_open
 
 
@@ -14,7 +14,8 @@ def _require_matplotlib():
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise InputError("plotting needs matplotlib: pip install 'attnlm[plot]'") from None
+        # exit 1, as for the hf extra: the environment lacks a package, the input is fine
+        raise AttnlmError("plotting needs matplotlib: pip install 'attnlm[plot]'") from None
 
 
 def _figure(**kwargs):

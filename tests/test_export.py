@@ -166,6 +166,19 @@ def test_the_exported_weights_are_stored_once_with_the_format_set(tmp_path):
         assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
 
 
+def test_export_refuses_a_directory_that_holds_anything_and_takes_an_empty_one(tmp_path):
+    make_run(tmp_path / "run", [], tok.ByteTokenizer())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "run")])
+    assert result.exit_code == 2 and "not a new or empty directory" in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    (tmp_path / "empty").mkdir()
+    assert CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "empty")]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
 @pytest.mark.parametrize("overrides, named", [
     ([*LLAMA, "model.window=8", "model.bias=true"], "model.bias=true with a window"),
     ([*LLAMA, "model.qk_norm=true", "model.bias=true"], "model.bias=true with a window or qk_norm"),

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from attnlm import plots
 from attnlm.cli import cli
-from attnlm.errors import InputError
+from attnlm.errors import AttnlmError
 
 
 def fake_run(folder, losses, vals):
@@ -117,10 +117,10 @@ def test_plot_command_writes_into_the_run_or_where_told(tmp_path):
 def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     run = fake_run(tmp_path / "a", [(10, 3.0)], [])
-    with pytest.raises(InputError, match=r"pip install 'attnlm\[plot\]'"):
+    with pytest.raises(AttnlmError, match=r"pip install 'attnlm\[plot\]'"):
         plots.loss_curves([run], tmp_path / "x.png")
     result = CliRunner().invoke(cli, ["plot", str(run)])
-    assert result.exit_code == 2 and "pip install 'attnlm[plot]'" in result.stderr
+    assert result.exit_code == 1 and "pip install 'attnlm[plot]'" in result.stderr
 
 
 def test_a_folder_without_metrics_is_an_input_error(tmp_path):
