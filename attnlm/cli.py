@@ -10,8 +10,9 @@ import click
 import yaml
 
 from attnlm import api, config as config_mod
-from attnlm.cli_support import (Group, config_option, json_option, machine_options, positive,
-                                quiet_option, runs_argument, sampling_options, set_option)
+from attnlm.cli_support import (Group, config_option, json_option, machine_options,
+                                named_as_options, positive, quiet_option, runs_argument,
+                                sampling_options, set_option)
 from attnlm.errors import InputError
 
 
@@ -28,6 +29,9 @@ def cli(ctx, debug):
         # Each rank would do the whole job alone and write the same files: refuse, once.
         raise shared(InputError(f"attnlm {ctx.invoked_subcommand} runs in one process; of "
                                 "attnlm's commands only train runs under torchrun"))
+
+
+MACHINE = {"train.device": "--device", "train.threads": "--threads"}  # machine_options' keys
 
 
 @cli.command()
@@ -52,7 +56,11 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
     with deferred_interrupts():  # first of all: no signal is lost, not even during imports
         from attnlm import distributed, run, train as train_mod
 
+        named = out is not None
         out = out or "runs/" + config_mod.run_name(config_path, overrides)
+        if resume and not named and not os.path.isdir(out):
+            raise InputError(f"--resume: no run in {out}, the default --out for this config; "
+                             "name the run to continue with --out")
         doc = config_mod.config_doc(config_path)
         cfg = train_mod.configure(doc, overrides, out, resume)
         if dry_run:
@@ -114,8 +122,11 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
 
     from attnlm.prompt import prompt_text, unescape
 
-    loaded = api.load_run(run, device=device, threads=threads)
-    s = api.sample_config(loaded, prompt_text(prompt, prompt_file), **sample)
+    given = {f"sample.{name}": f"--{name.replace('_', '-')}" for name, value in sample.items()
+             if value is not None}
+    with named_as_options({**MACHINE, **given}):
+        loaded = api.load_run(run, device=device, threads=threads)
+        s = api.sample_config(loaded, prompt_text(prompt, prompt_file), **sample)
     ids = api.encode_prompt(loaded, s)
 
     def show(row, piece):
@@ -179,7 +190,9 @@ def evaluate(run, device, threads, as_json, **options):
     """
     from attnlm.evaluate import describe
 
-    result = api.eval_run(api.load_run(run, device=device, threads=threads), **options)
+    given = {"data.source": "--source"} if options["source"] else {}
+    with named_as_options({**MACHINE, **given}):
+        result = api.eval_run(api.load_run(run, device=device, threads=threads), **options)
     click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))
 
 

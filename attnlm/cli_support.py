@@ -10,7 +10,7 @@ import click
 
 from attnlm import choices
 from attnlm import config as config_mod
-from attnlm.errors import AttnlmError
+from attnlm.errors import AttnlmError, InputError
 
 
 class Group(click.Group):
@@ -44,6 +44,20 @@ class Group(click.Group):
             traceback.print_exc()
         click.echo(message, err=True)
         ctx.exit(code)
+
+
+@contextlib.contextmanager
+def named_as_options(options):
+    """An error about a config value that one of the command's options gave names the option
+    the user typed (`--top-p 0`, not `sample.top_p=0`). options: {config key: option}."""
+    try:
+        yield
+    except InputError as err:
+        message = str(err)
+        for key, option in options.items():
+            message = message.replace(f"{key}=", f"{option} ")
+        err.args = (message,)
+        raise
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),

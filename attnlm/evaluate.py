@@ -52,7 +52,12 @@ def report(loss, split):
 def _text_split(cfg, tokenizer, source):
     """(split, its name): the whole of source, or the run's val split."""
     if source:
-        return prepare_source(source, tokenizer, cfg.data.cache_dir, progress=True), source
+        try:
+            return prepare_source(source, tokenizer, cfg.data.cache_dir, progress=True), source
+        except InputError as err:  # say which text, where the message does not
+            if source in str(err):
+                raise
+            raise InputError(f"data.source={source!r}: {err}") from None
     return prepare_training(cfg, tokenizer, progress=True)[1]["val"], f"{cfg.data.source} (val)"
 
 
@@ -86,7 +91,8 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
     if attention or attention_map or text is not None:  # a --text is for the attention report
         ids = split.tokens[:block_size].tolist() if text is None else tokenizer.encode(text)
         if not 0 < len(ids) <= block_size:
-            raise InputError(f"--text is {len(ids)} tokens; give 1 to block_size={block_size}")
+            raise InputError(f"--text is {len(ids)} tokens long and the model reads at most "
+                             f"{block_size} at once: give a shorter text (at least 1 token)")
         maps = diagnostics.attention_of(model, ids)
         result["attention"] = {**diagnostics.entropy_report(maps, layer_windows(model.cfg)),
                                **diagnostics.similarity_report(maps), "head_output_similarity":

@@ -82,6 +82,22 @@ def test_expected_errors_are_one_line_with_exit_code(tmp_path, args, code, messa
     assert "Traceback" not in result.output
 
 
+def test_eval_names_the_source_option_and_what_it_could_not_read(trained, tmp_path):
+    result = run("eval", trained[0], "--source", tmp_path / "nope.txt")
+    assert result.exit_code == 2 and result.stderr.startswith("error: --source '")
+    (tmp_path / "dollars.txt").write_text("$$$ and more text than the window " * 4)
+    result = run("eval", trained[0], "--source", tmp_path / "dollars.txt")
+    assert result.exit_code == 2 and f"--source '{tmp_path / 'dollars.txt'}': text has characters " \
+        "not in the vocabulary: '$'" in result.stderr
+
+
+def test_resume_without_out_says_to_name_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("train", "--resume")
+    assert result.exit_code == 2
+    assert "no run in runs/default, the default --out for this config" in result.stderr
+
+
 def test_corrupt_checkpoint_exits_1(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     result = run("eval", tmp_path)
@@ -106,15 +122,16 @@ def test_triton_without_cuda_is_a_config_error_before_any_work(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--device", "mps"], "train.device='mps' must be one of auto, cpu, cuda or cuda:N"),
-    (["--device", "foo"], "train.device='foo' must be one of"),
-    (["--threads", "-1"], "train.threads=-1 must not be negative"),
-    (["--top-p", "1e-300"], "sample.top_p=1e-300 must be in [0.0001, 1]"),
-    (["--repetition-penalty", "1e-300"], "sample.repetition_penalty=1e-300 must be in [0.01, 100]"),
-    (["--temperature", "1e-300"], "sample.temperature=1e-300 must be 0 (greedy) or at least"),
+    # Each names the option typed, not the config value it sets.
+    (["--device", "mps"], "error: --device 'mps' must be one of auto, cpu, cuda or cuda:N"),
+    (["--device", "foo"], "--device 'foo' must be one of"),
+    (["--threads", "-1"], "--threads -1 must not be negative"),
+    (["--top-p", "1e-300"], "--top-p 1e-300 must be in [0.0001, 1]"),
+    (["--repetition-penalty", "1e-300"], "--repetition-penalty 1e-300 must be in [0.01, 100]"),
+    (["--temperature", "1e-300"], "--temperature 1e-300 must be 0 (greedy) or at least"),
     (["--max-new-tokens", str(10**30)], "must be at most 100,000,000 tokens"),
-    (["--num-samples", "0"], "sample.num_samples=0 must be positive"),
-    (["--seed", str(2**70)], "sample.seed=1180591620717411303424 must be in [0, 2**64 - 1]"),
+    (["--num-samples", "0"], "--num-samples 0 must be positive"),
+    (["--seed", str(2**70)], "--seed 1180591620717411303424 must be in [0, 2**64 - 1]"),
 ])
 def test_bad_generate_options_are_one_line_exit_2(trained, args, message):
     result = run("generate", trained[0], "--prompt", "line", *args)

@@ -127,7 +127,7 @@ def test_eval_reports_entropy_per_layer_and_head(run_dir):
 
 def test_eval_refuses_a_text_longer_than_the_window(run_dir):
     result = CliRunner().invoke(cli, ["eval", str(run_dir), "--attention", "--text", "fox " * 9])
-    assert result.exit_code == 2 and "--text is 36 tokens; give 1 to block_size=32" in result.stderr
+    assert result.exit_code == 2 and "--text is 36 tokens long and the model reads at most 32" in result.stderr
 
 
 def test_attention_maps_are_png_heat_maps_of_the_weights(run_dir, tmp_path):

@@ -417,14 +417,14 @@ def test_cli_empty_prompt_starts_from_a_newline(run_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top-p", 1.5], "sample.top_p=1.5 must be in [0.0001, 1]"),
-    (["--temperature", -1], "sample.temperature=-1.0 must be 0 (greedy)"),
-    (["--min-p", 2], "sample.min_p=2.0"),
-    (["--repetition-penalty", 0], "sample.repetition_penalty=0.0"),
-    (["--top-k", -3], "sample.top_k=-3"),
-    (["--max-new-tokens", -1], "sample.max_new_tokens=-1"),
-    (["--num-samples", 0], "sample.num_samples=0"),
-    (["--threads", -1], "train.threads=-1"),
+    (["--top-p", 1.5], "--top-p 1.5 must be in [0.0001, 1]"),
+    (["--temperature", -1], "--temperature -1.0 must be 0 (greedy)"),
+    (["--min-p", 2], "--min-p 2.0"),
+    (["--repetition-penalty", 0], "--repetition-penalty 0.0"),
+    (["--top-k", -3], "--top-k -3"),
+    (["--max-new-tokens", -1], "--max-new-tokens -1"),
+    (["--num-samples", 0], "--num-samples 0"),
+    (["--threads", -1], "--threads -1"),
     (["--prompt", "x", "--prompt-file", "p.txt"], "not both"),
 ])
 def test_cli_rejects_bad_sampling_values_in_one_line(run_dir, args, message):
