@@ -155,15 +155,6 @@ def shared(error):
     return error
 
 
-def gather(value, w):
-    """Every rank's value (JSON-able or tensors), in rank order, on every rank."""
-    if w.size == 1:
-        return [value]
-    found = [None] * w.size
-    dist.all_gather_object(found, value)
-    return found
-
-
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
