@@ -128,7 +128,7 @@ def resolve_source(spec):
         parts = BUILTINS[spec]()
     elif spec.startswith("builtin:"):
         raise InputError(f"data.source={spec!r}: unknown built-in; choose {', '.join(BUILTINS)}")
-    elif any(c in spec for c in MAGIC):
+    elif any(c in spec for c in MAGIC) and not Path(spec).expanduser().exists():
         parts = list(_once(_glob(spec)))
         if not parts:
             raise InputError(f"data.source={spec!r}: the pattern matches no files")
@@ -153,17 +153,19 @@ def iter_text(corpus, start, end):
     offset = 0
     for name, chunks in corpus.iter_parts():
         decoder = codecs.getincrementaldecoder("utf-8")()
+        in_part = 0  # where the chunk starts in this part, for an error's offset
         for chunk in chunks:
             lo, hi = max(start - offset, 0), min(end - offset, len(chunk))
-            base = offset
             offset += len(chunk)
+            at, in_part = in_part, in_part + len(chunk)
             if lo >= hi:
                 continue
+            held = len(decoder.getstate()[0])  # a character begun at the end of the last chunk
             try:
                 text = decoder.decode(chunk[lo:hi], final=hi < len(chunk) or offset >= end)
-            except UnicodeDecodeError as err:
+            except UnicodeDecodeError as err:  # err.start counts from the held bytes
                 raise InputError(
-                    f"{name} is not UTF-8 text (bad byte at offset {base + lo + err.start}); "
+                    f"{name} is not UTF-8 text (bad byte at offset {at + lo - held + err.start}); "
                     "convert it or leave it out of data.source"
                 ) from None
             if text:

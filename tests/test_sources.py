@@ -41,6 +41,30 @@ def test_non_utf8_file_is_named(tmp_path):
         list(sources.iter_text(corpus, 0, corpus.size()))
 
 
+def test_a_bad_bytes_offset_counts_from_the_start_of_its_own_file(tmp_path, monkeypatch):
+    write(tmp_path / "folder" / "a.txt", "hello world\n")
+    write(tmp_path / "folder" / "b.txt", b"abc\xffdef\n")
+    corpus = sources.resolve_source(str(tmp_path / "folder"))
+    with pytest.raises(InputError, match=r"b.txt is not UTF-8 text \(bad byte at offset 3\)"):
+        list(sources.iter_text(corpus, 0, corpus.size()))
+    # A character begun at the end of one chunk and broken in the next: where it began, as
+    # Python's own decode says.
+    monkeypatch.setattr(sources, "CHUNK", 4)
+    data = b"ab\xe2\x82Xcdef"
+    with pytest.raises(UnicodeDecodeError) as python:
+        data.decode("utf-8")
+    corpus = sources.resolve_source(str(write(tmp_path / "split.txt", data)))
+    with pytest.raises(InputError, match=rf"bad byte at offset {python.value.start}\)"):
+        list(sources.iter_text(corpus, 0, corpus.size()))
+
+
+def test_a_file_whose_name_looks_like_a_pattern_is_that_file(tmp_path):
+    path = write(tmp_path / "notes[1].txt", "the text itself\n")
+    write(tmp_path / "notes1.txt", "another file the pattern would match\n")
+    corpus = sources.resolve_source(str(path))
+    assert "".join(sources.iter_text(corpus, 0, corpus.size())) == "the text itself\n"
+
+
 def test_split_is_contiguous_and_on_a_character_boundary(tmp_path):
     text = "é" * 50  # two bytes each, so an odd cut falls inside a character
     corpus = sources.resolve_source(str(write(tmp_path / "t.txt", text)))
