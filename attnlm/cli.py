@@ -190,7 +190,7 @@ def evaluate(run, device, threads, as_json, **options):
     """
     from attnlm.evaluate import describe
 
-    given = {"data.source": "--source"} if options["source"] else {}
+    given = {"data.source": "--source"} if options["source"] is not None else {}
     with named_as_options({**MACHINE, **given}):
         result = api.eval_run(api.load_run(run, device=device, threads=threads), **options)
     click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))

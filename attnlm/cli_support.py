@@ -55,7 +55,7 @@ def named_as_options(options):
     except InputError as err:
         message = str(err)
         for key, option in options.items():
-            message = message.replace(f"{key}=", f"{option} ")
+            message = message.replace(f"{key}=", f"{option} ").replace(f"{key} ", f"{option} ")
         err.args = (message,)
         raise
 

@@ -51,7 +51,7 @@ def report(loss, split):
 
 def _text_split(cfg, tokenizer, source):
     """(split, its name): the whole of source, or the run's val split."""
-    if source:
+    if source is not None:  # an empty one is refused, not taken for the val split
         try:
             return prepare_source(source, tokenizer, cfg.data.cache_dir, progress=True), source
         except InputError as err:  # say which text, where the message does not
@@ -85,7 +85,7 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
     result = {"source": name, "block_size": block_size, **report(loss, split)}
     if offset:
         result["offset"] = offset
-    spec = source or cfg.data.source
+    spec = cfg.data.source if source is None else source
     if tasks.is_synthetic(spec):
         result.update(tasks.evaluate(model, tokenizer, spec, examples))
     if attention or attention_map or text is not None:  # a --text is for the attention report

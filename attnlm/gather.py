@@ -91,7 +91,8 @@ def _cell(value):
         return ""
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value).replace("|", "\\|")
+    # A pipe would end the cell and a line break the row (stop texts and prompts hold them).
+    return str(value).replace("|", "\\|").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def to_markdown(columns, rows):

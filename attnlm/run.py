@@ -111,7 +111,11 @@ def save_checkpoint(out, payload, keep_last=0):
 
 
 def read_config(run):
-    return config_mod.from_dict(config_mod.read_yaml(Path(run) / CONFIG))
+    path = Path(run) / CONFIG
+    doc = config_mod.read_yaml(path)
+    if not doc:  # attnlm writes every section: an empty file is a damaged one, not the defaults
+        raise InputError(f"{path} is empty")
+    return config_mod.from_dict(doc)
 
 
 def write_config(out, cfg):
@@ -261,7 +265,8 @@ def find_runs(patterns, warn):
         found = [run for match in matches for run in _runs_under(Path(match))]
         if not found:
             warn(f"{pattern}: no run directory there (none holds a {CONFIG}); skipped")
-        runs += [run for run in found if run not in runs]
+        seen = {run.resolve() for run in runs}  # one run, however it is spelled
+        runs += [run for run in found if run.resolve() not in seen]
     if not runs:
         raise InputError(f"no run directory found (none holds a {CONFIG})")
     return runs

@@ -85,6 +85,8 @@ def test_expected_errors_are_one_line_with_exit_code(tmp_path, args, code, messa
 def test_eval_names_the_source_option_and_what_it_could_not_read(trained, tmp_path):
     result = run("eval", trained[0], "--source", tmp_path / "nope.txt")
     assert result.exit_code == 2 and result.stderr.startswith("error: --source '")
+    result = run("eval", trained[0], "--source", "")  # not the val split
+    assert result.exit_code == 2 and result.stderr.startswith("error: --source is empty")
     (tmp_path / "dollars.txt").write_text("$$$ and more text than the window " * 4)
     result = run("eval", trained[0], "--source", tmp_path / "dollars.txt")
     assert result.exit_code == 2 and f"--source '{tmp_path / 'dollars.txt'}': text has characters " \

@@ -74,6 +74,8 @@ def test_find_runs_takes_runs_folders_and_globs(runs, tmp_path):
     assert run_mod.find_runs([str(runs)], warnings.append) == [runs / "a", runs / "b", runs / "c"]
     assert run_mod.find_runs([str(runs / "b"), str(runs / "[ab]")], warnings.append) == [runs / "b", runs / "a"]
     assert warnings == []
+    again = [str(runs / "a"), str(runs / "b" / ".." / "a")]  # one run, however it is spelled
+    assert run_mod.find_runs(again, warnings.append) == [runs / "a"]
     with pytest.raises(InputError, match="no run directory found"):
         run_mod.find_runs([str(tmp_path / "nothing*")], warnings.append)
     assert warnings == [f"{tmp_path / 'nothing*'}: no run directory there (none holds a config.yaml); skipped"]
@@ -114,6 +116,7 @@ def test_table_has_varying_config_summary_and_eval_columns(runs):
                     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
                     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
                     "model: {n_layer: *f}\n"},  # an alias bomb
+    {"config.yaml": ""},  # emptied: not the defaults
     {"summary.json": '{"steps": 10, "val_'},  # torn
     {"eval.json": "[1, 2]"},  # not an object
 ])
@@ -139,6 +142,13 @@ def test_gather_prints_csv_and_markdown(runs):
     assert markdown[0] == "| run | model.n_head | steps | val_loss | eval_loss | eval_exact_match |"
     assert markdown[1] == "|---|---|---|---|---|---|"
     assert markdown[3] == f"| {runs / 'b'} | 4 | 10 | 2.25 | 2.2 | 0.75 |"
+
+
+def test_a_markdown_cell_keeps_its_line_breaks_and_pipes_inside_it(tmp_path):
+    for name, stop in [("a", "\n\n"), ("b", "END|")]:
+        fake_run(tmp_path / name, {"sample": {"stop": stop}}, {"steps": 1})
+    lines = CliRunner().invoke(cli, ["gather", str(tmp_path)]).stdout.splitlines()
+    assert lines[2:] == [f"| {tmp_path / 'a'} | \\n\\n | 1 |", f"| {tmp_path / 'b'} | END\\| | 1 |"]
 
 
 def test_gather_without_finished_runs_exits_2(tmp_path):
