@@ -87,7 +87,7 @@ def evaluate_run(model, tokenizer, cfg, *, source=None, batch_size=16, block_siz
         result["offset"] = offset
     spec = cfg.data.source if source is None else source
     if tasks.is_synthetic(spec):
-        result.update(tasks.evaluate(model, tokenizer, spec, examples))
+        result.update(tasks.evaluate(model, tokenizer, spec, examples, cfg.data.source))
     if attention or attention_map or text is not None:  # a --text is for the attention report
         ids = split.tokens[:block_size].tolist() if text is None else tokenizer.encode(text)
         if not 0 < len(ids) <= block_size:

@@ -17,8 +17,9 @@ Recall asks every key (rather than one), so that each line teaches it `length` t
 A held-out example is a prompt and its answer: for copy and reverse, the context and separator,
 then the whole string; for recall, the context, separator and first key, then its value. The
 text is a function of the spec alone: `n` training lines drawn from `seed`. Held-out examples
-come from another stream of the same seed, minus any whose context a training line holds, so
-they are unseen by construction.
+come from another stream of the same seed, minus any whose context states what a training
+line's does (the same string; for recall, the same pairs in any order), so they are unseen by
+construction.
 """
 
 import random
@@ -71,15 +72,25 @@ class Task:
     def text(self):
         return "".join(line + "\n" for *_, line in self.training())
 
-    def heldout(self, count):
-        """count (prompt, answer) pairs whose contexts no training line has, nor each other."""
-        seen = {context for context, *_ in self.training()}
+    def facts(self, context):
+        """What a context states, whatever its order: a recall context's set of pairs (a line
+        with the same pairs in another order teaches the same answers), else the string."""
+        if self.name == "associative_recall":
+            return frozenset(zip(context[::2], context[1::2]))
+        return context
+
+    def heldout(self, count, trained=None):
+        """count (prompt, answer) pairs whose contexts state what no training line's does, nor
+        each other's: this task's training lines, and those of `trained` (the Task a model was
+        trained on, where it is another variant)."""
+        lines = self.training() + (trained.training() if trained else [])
+        seen = {self.facts(context) for context, *_ in lines}
         rng = random.Random(f"heldout:{self.seed}")  # a string seed: its own stream, reproducible
         out = []
         for _ in range(100 * count):
             context, prompt, answer, _ = self.example(rng)
-            if context not in seen:
-                seen.add(context)
+            if self.facts(context) not in seen:
+                seen.add(self.facts(context))
                 out.append((prompt, answer))
                 if len(out) == count:
                     return out
@@ -184,8 +195,14 @@ def exact_match(model, tokenizer, examples, batch_size=256):
     return right / len(examples)
 
 
-def evaluate(model, tokenizer, spec, count):
-    """Exact match on count held-out examples of a synthetic source, with chance for scale."""
+def evaluate(model, tokenizer, spec, count, trained_on=None):
+    """Exact match on count held-out examples of a synthetic source, with chance for scale.
+    trained_on: the run's own data.source; where it is another variant of the same task (another
+    seed or n), its training lines are held out too."""
     task = parse(spec)
-    return {"exact_match": exact_match(model, tokenizer, task.heldout(count)),
+    trained = parse(trained_on) if trained_on and is_synthetic(trained_on) else None
+    if trained and (trained.name, trained.length, trained.vocab) != (task.name, task.length,
+                                                                      task.vocab):
+        trained = None  # other contexts altogether: none can be one it trained on
+    return {"exact_match": exact_match(model, tokenizer, task.heldout(count, trained)),
             "examples": count, "chance": task.chance()}

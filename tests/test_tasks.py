@@ -53,16 +53,32 @@ def test_recall_lines_ask_every_key_for_its_value():
         assert all(pairs[k] == v for k, v in zip(queries[::2], queries[1::2]))
 
 
+def pairs(context):
+    return frozenset(zip(context[::2], context[1::2]))
+
+
 def test_heldout_examples_are_unseen_distinct_and_reproducible():
-    task = tasks.parse("synthetic:associative_recall,length=3,vocab=4,n=300")
-    held = task.heldout(50)
-    assert held == task.heldout(50)
+    # Unseen as sets of pairs: a training line with the same pairs in another order would teach
+    # the held-out answer.
+    task = tasks.parse("synthetic:associative_recall,length=2,vocab=4,n=40")
+    held = task.heldout(20)
+    assert held == task.heldout(20)
     contexts = [prompt.split("|")[0] for prompt, _ in held]
-    assert len(set(contexts)) == 50
-    assert not set(contexts) & {row.split("|")[0] for row in task.text().splitlines()}
+    assert len({pairs(c) for c in contexts}) == 20
+    assert not {pairs(c) for c in contexts} & {pairs(row.split("|")[0])
+                                                for row in task.text().splitlines()}
     for prompt, answer in held:
         context, query = prompt.split("|")
         assert dict(zip(context[::2], context[1::2]))[query] == answer
+
+
+def test_heldout_examples_of_another_variant_leave_out_the_lines_a_model_trained_on():
+    trained = "synthetic:copy,length=4,vocab=4,n=150"
+    other = tasks.parse("synthetic:copy,length=4,vocab=4,n=150,seed=1")
+    seen = {row.split("|")[0] for row in tasks.parse(trained).text().splitlines()}
+    assert {p.split("|")[0] for p, _ in other.heldout(50)} & seen  # the leak, were it not told
+    held = other.heldout(50, tasks.parse(trained))
+    assert not {p.split("|")[0] for p, _ in held} & seen
 
 
 def test_a_task_too_small_to_hold_out_says_so():
