@@ -77,10 +77,16 @@ def load_run(path, *, device="auto", threads=0):
     from attnlm.run import load_model
     from attnlm.runtime import resolve_device, set_threads
 
-    machine = config_mod.build_config({"train": {"device": device, "threads": threads}}).train
+    machine = machine_config(device, threads)
     set_threads(machine.threads)
     model, tokenizer, cfg, _ = load_model(path, resolve_device(machine.device))
     return Run(Path(path), model, tokenizer, cfg)
+
+
+def machine_config(device="auto", threads=0):
+    """The train section with device and threads set, checked as config values (a ConfigError
+    names a bad one)."""
+    return config_mod.build_config({"train": {"device": device, "threads": threads}}).train
 
 
 def _loaded(run):

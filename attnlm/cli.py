@@ -5,6 +5,7 @@ usage/input, 130 interrupt, 141 pipe closed)."""
 
 import json
 import os
+import signal
 
 import click
 import yaml
@@ -122,10 +123,12 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
 
     from attnlm.prompt import prompt_text, unescape
 
+    with named_as_options(MACHINE):
+        api.machine_config(device, threads)
+    loaded = api.load_run(run, device=device, threads=threads)
     given = {f"sample.{name}": f"--{name.replace('_', '-')}" for name, value in sample.items()
              if value is not None}
-    with named_as_options({**MACHINE, **given}):
-        loaded = api.load_run(run, device=device, threads=threads)
+    with named_as_options(given):
         s = api.sample_config(loaded, prompt_text(prompt, prompt_file), **sample)
     ids = api.encode_prompt(loaded, s)
 
@@ -190,9 +193,11 @@ def evaluate(run, device, threads, as_json, **options):
     """
     from attnlm.evaluate import describe
 
-    given = {"data.source": "--source"} if options["source"] is not None else {}
-    with named_as_options({**MACHINE, **given}):
-        result = api.eval_run(api.load_run(run, device=device, threads=threads), **options)
+    with named_as_options(MACHINE):
+        api.machine_config(device, threads)
+    loaded = api.load_run(run, device=device, threads=threads)
+    with named_as_options({"data.source": "--source"} if options["source"] is not None else {}):
+        result = api.eval_run(loaded, **options)
     click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))
 
 
@@ -330,4 +335,7 @@ def import_command(source, out, config_path, overrides):
 
 
 def main():
+    # SIGTERM as Ctrl-C for every command: what is being written is cleaned up, exit 130
+    # (training installs its own handler for both).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cli(prog_name="attnlm")

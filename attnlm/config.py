@@ -114,7 +114,9 @@ SECTIONS = {f.name: f.type for f in fields(RunConfig)}
 KEYS = {f"{s}.{f.name}": f.type for s, cls in SECTIONS.items() for f in fields(cls)}
 TRUE, FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 SEED_MAX = 2**64 - 1  # the largest seed torch's generators take
-INT_MAX = 2**31 - 1  # any other whole number: past it, torch's sizes and counts overflow
+INT_MAX = 2**31 - 1  # past it, torch's sizes and counts overflow
+SIZES = [k for k, typ in KEYS.items() if typ is int and k.startswith("model.")] + [
+    "tokenizer.vocab_size", "train.batch_size", "train.grad_accum"]  # whole numbers that size tensors
 THREADS_MAX = 1024  # more threads than any CPU has cores; far more and none can start
 MAX_SAMPLE_TOKENS = 10**8  # num_samples x max_new_tokens: a token buffer that can be allocated
 SHOWN = 60  # characters of a value a message shows
@@ -295,7 +297,7 @@ def validate(cfg):
     for key in ("train.seed", "sample.seed"):
         _check(p, 0 <= _value(cfg, key) <= SEED_MAX, key, _value(cfg, key),
                "must be in [0, 2**64 - 1]")
-    for key in (k for k, typ in KEYS.items() if typ is int and not k.endswith(".seed")):
+    for key in SIZES:
         _check(p, _value(cfg, key) <= INT_MAX, key, _value(cfg, key), "must be at most 2**31 - 1")
     _check(p, t.threads <= THREADS_MAX, "train.threads", t.threads, f"must be at most {THREADS_MAX}")
     if m.n_head > 0 and m.n_embd % m.n_head:

@@ -55,7 +55,7 @@ def _text_split(cfg, tokenizer, source):
         try:
             return prepare_source(source, tokenizer, cfg.data.cache_dir, progress=True), source
         except InputError as err:  # say which text, where the message does not
-            if source in str(err):
+            if str(err).startswith("data.source"):
                 raise
             raise InputError(f"data.source={source!r}: {err}") from None
     return prepare_training(cfg, tokenizer, progress=True)[1]["val"], f"{cfg.data.source} (val)"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from attnlm import config as config_mod, run as run_mod
-from attnlm.errors import InputError
+from attnlm.errors import AttnlmError, InputError
 from attnlm.files import atomic_write, temp_path
 from attnlm.hf_tokenizer import LIMITS, HFTokenizer, require, to_hf, tokenizer_config
 from attnlm.model import RMS_EPS, kv_heads, layer_windows, mlp_width
@@ -239,7 +239,7 @@ def export_run(run, out):
     eos_id = getattr(tokenizer, "eos_id", None)
     config = hf_config(cfg.model, tokenizer.vocab_size, eos_id, arch)
     tensors = hf_tensors(model, arch)
-    out = Path(out)
+    out = Path(out).resolve()  # "." and a link to a folder have a name and a parent
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} is not a new or empty directory; export into one (nothing in "
                          "it is replaced: it could be a run, or another export)")
@@ -255,9 +255,9 @@ def export_run(run, out):
         atomic_write(staging / "tokenizer.json", to_hf(tokenizer))
         atomic_write(staging / "tokenizer_config.json",
                      tokenizer_config(tokenizer, cfg.model.block_size))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        staging.replace(out)  # over an empty folder too
+    except OSError as err:
+        raise AttnlmError(f"cannot write {out}: {err.strerror}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if tokenizer.kind in LIMITS:

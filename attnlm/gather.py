@@ -92,7 +92,8 @@ def _cell(value):
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
     # A pipe would end the cell and a line break the row (stop texts and prompts hold them).
-    return str(value).replace("|", "\\|").replace("\n", "\\n").replace("\r", "\\r")
+    escapes = {"\\": "\\\\", "|": "\\|", "\n": "\\n", "\r": "\\r"}
+    return "".join(escapes.get(c, c) for c in str(value))
 
 
 def to_markdown(columns, rows):

@@ -259,14 +259,16 @@ def find_runs(patterns, warn):
     """Run directories (those holding a config.yaml), in order, each once: a pattern is a run
     directory, a folder of them (folders of folders too), or a glob matching either. A pattern
     that finds none is reported to warn(message) and skipped; none at all is an InputError."""
-    runs = []
+    runs, seen = [], set()
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         found = [run for match in matches for run in _runs_under(Path(match))]
         if not found:
             warn(f"{pattern}: no run directory there (none holds a {CONFIG}); skipped")
-        seen = {run.resolve() for run in runs}  # one run, however it is spelled
-        runs += [run for run in found if run.resolve() not in seen]
+        for run in found:
+            if run.resolve() not in seen:  # one run, however it is spelled
+                seen.add(run.resolve())
+                runs.append(run)
     if not runs:
         raise InputError(f"no run directory found (none holds a {CONFIG})")
     return runs

@@ -82,14 +82,24 @@ def test_expected_errors_are_one_line_with_exit_code(tmp_path, args, code, messa
     assert "Traceback" not in result.output
 
 
+def test_a_bad_value_in_the_checkpoints_own_config_is_named_as_its_key(trained, tmp_path):
+    from attnlm import checkpoint
+
+    saved = checkpoint.load(trained[0] / "checkpoint.pt")
+    saved["config"]["train"]["threads"] = 2000
+    checkpoint.save(saved, tmp_path / "checkpoint.pt")
+    result = run("generate", tmp_path, "--threads", 1, "--top-k", 5)
+    assert result.exit_code == 2 and "error: train.threads=2000 must be at most 1024" in result.stderr
+
+
 def test_eval_names_the_source_option_and_what_it_could_not_read(trained, tmp_path):
     result = run("eval", trained[0], "--source", tmp_path / "nope.txt")
     assert result.exit_code == 2 and result.stderr.startswith("error: --source '")
     result = run("eval", trained[0], "--source", "")  # not the val split
     assert result.exit_code == 2 and result.stderr.startswith("error: --source is empty")
-    (tmp_path / "dollars.txt").write_text("$$$ and more text than the window " * 4)
-    result = run("eval", trained[0], "--source", tmp_path / "dollars.txt")
-    assert result.exit_code == 2 and f"--source '{tmp_path / 'dollars.txt'}': text has characters " \
+    (tmp_path / "e").write_text("$$$ and more text than the window " * 4)  # a short name too
+    result = run("eval", trained[0], "--source", tmp_path / "e")
+    assert result.exit_code == 2 and f"--source '{tmp_path / 'e'}': text has characters " \
         "not in the vocabulary: '$'" in result.stderr
 
 
@@ -201,3 +211,15 @@ def test_only_train_runs_under_torchrun(trained, monkeypatch, rank, says):
     assert result.exit_code == 2
     assert ("attnlm eval runs in one process" in result.output) == says
     assert "Traceback" not in result.output
+
+
+def test_sigterm_stops_any_command_as_ctrl_c_does(trained):
+    # Training has its own handler; the other commands take SIGTERM as Ctrl-C: exit 130, and
+    # what they were writing is cleaned up on the way out.
+    proc = subprocess.Popen([sys.executable, "-m", "attnlm", "generate", str(trained[0]),
+                             "--max-new-tokens", "100000000", "--prompt", "line"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.read(4) == "line"  # generating
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "interrupted"

@@ -159,6 +159,12 @@ def test_values_that_would_fail_later_are_refused_at_config_time(override, messa
     assert message in str(err.value) and len(err.value.problems) == 1
 
 
+def test_a_whole_number_that_sizes_nothing_has_no_bound():
+    # Runs saved with such values (evaluation turned off by a huge interval) still load.
+    cfg = build_config(overrides=["train.eval_interval=10000000000", "train.max_iters=10000000000"])
+    assert cfg.train.eval_interval == 10**10
+
+
 def test_the_largest_seed_torch_takes_is_accepted():
     import torch
 

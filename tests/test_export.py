@@ -176,7 +176,36 @@ def test_export_refuses_a_directory_that_holds_anything_and_takes_an_empty_one(t
     assert CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "empty")]).exit_code == 0
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+@pytest.mark.parametrize("target", [".", "link"])
+def test_export_into_the_empty_working_directory_or_a_link_to_an_empty_folder(tmp_path, monkeypatch,
+                                                                             target):
+    make_run(tmp_path / "run", [], tok.ByteTokenizer())
+    (tmp_path / "here").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here" if target == "." else tmp_path)
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), target])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "here" / "config.json").exists() and (tmp_path / "link").is_symlink()
+
+
+def test_an_export_stopped_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    import attnlm.export
+
+    make_run(tmp_path / "run", [], tok.ByteTokenizer())
+    written = []
+
+    def stop_at_the_second(path, data):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+
+    monkeypatch.setattr(attnlm.export, "atomic_write", stop_at_the_second)
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert result.exit_code == 130 and written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no export, no staging
 
 
 @pytest.mark.parametrize("overrides, named", [

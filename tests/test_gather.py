@@ -81,6 +81,11 @@ def test_find_runs_takes_runs_folders_and_globs(runs, tmp_path):
     assert warnings == [f"{tmp_path / 'nothing*'}: no run directory there (none holds a config.yaml); skipped"]
 
 
+def test_a_run_a_pattern_matches_under_two_names_is_found_once(runs):
+    (runs / "z-link").symlink_to(runs / "a")
+    assert run_mod.find_runs([str(runs / "*")], print) == [runs / "a", runs / "b", runs / "c"]
+
+
 def test_a_path_that_is_not_a_run_is_skipped_with_a_warning(runs, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes.txt").write_text("not a run")
