@@ -58,6 +58,14 @@ def join(w, device):
     return device
 
 
+def wait_for_all(w):
+    """Return once every rank is here. A job that has trained leaves together: a rank that tore
+    down its process group while rank 0 still wrote the last files aborted at exit now and then
+    ("terminate called without an active exception", 2 exits in 25 of a 2-process CPU job)."""
+    if w.size > 1:
+        dist.barrier()
+
+
 def leave():
     if dist.is_initialized():
         dist.destroy_process_group()

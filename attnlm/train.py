@@ -193,7 +193,9 @@ def train(cfg, out, resume=False, quiet=False):
                 run.refuse_existing(out)
 
         distributed.from_main(w, claim)
-        return _train(cfg, out, resume, quiet, interrupt, w)
+        summary = _train(cfg, out, resume, quiet, interrupt, w)
+        distributed.wait_for_all(w)
+        return summary
 
 
 def _train(cfg, out, resume, quiet, interrupt, w):
