@@ -283,7 +283,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
             loss_value = 0.0
             for i, mine in enumerate(starts[:, w.rank]):
                 x, y = sampler.windows_at(mine)
-                seed_micro_batch(t.seed, step, i * w.size + w.rank)
+                seed_micro_batch(t.seed, step, i * w.size + w.rank, device)
                 with distributed.gradient_sync(trained, i == t.grad_accum - 1):
                     with ready.amp:  # the forward pass alone: backward runs in the forward's dtypes
                         # The loss trained on, the head-diversity penalty included (val is without).
@@ -393,9 +393,15 @@ def run_seconds(out):
     return next((r["time_s"] for r in reversed(run.read_metrics(out)) if "time_s" in r), 0.0)
 
 
-def seed_micro_batch(seed, step, index):
-    """Seed torch's generators (dropout's) for micro-batch `index` of a step, numbered across
+def seed_micro_batch(seed, step, index, device):
+    """Seed the device's generator (dropout's) for micro-batch `index` of a step, numbered across
     the whole job: its masks are then the same whichever process draws it and whether or not
     the run was resumed, so a job of several processes trains as one process would."""
     digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
-    torch.manual_seed(int.from_bytes(digest, "little"))
+    value = int.from_bytes(digest, "little")
+    # The one generator the step draws from: torch.manual_seed, which seeds every kind of
+    # device, takes 80 us, 1% of a small model's step on the CPU.
+    if device.type == "cuda":
+        torch.cuda.manual_seed(value)
+    else:
+        torch.default_generator.manual_seed(value)
