@@ -170,6 +170,8 @@ def iter_text(corpus, start, end):
                 ) from None
             if text:
                 yield text
+            if offset >= end:  # the range is read (and the decoder told so): none of the rest
+                return
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
