@@ -67,7 +67,9 @@ def measure(args, variant):
         val_loss = split_loss(model, val, cfg.model.block_size, 64, model.tok_emb.weight.device)
     m = cfg.model
     kv_bytes = 2 * m.n_layer * kv_heads(m) * (m.n_embd // m.n_head) * 4  # float32 keys and values
-    return {"settings": variant, "steps": args.steps, "val_loss_whole_split": round(val_loss, 4),
+    base = {"recipe": "shakespeare_char", "overrides": [*BASE, *args.overrides], "pos": m.pos,
+            "attention": m.attention, "dtype": cfg.train.dtype}  # what the variant changes
+    return {"settings": variant, "base": base, "steps": args.steps, "val_loss_whole_split": round(val_loss, 4),
             "tokens_per_s": round(summary["tokens_per_s"]), "params": model.num_params(),
             "kv_cache_bytes_per_token": kv_bytes}
 
