@@ -30,9 +30,12 @@ On a shared machine, run it alone: flock -x /tmp/bench.lock python benchmarks/ge
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +113,12 @@ def runners(args, models, prompt):
     """impl -> run(use_cache, new_tokens) -> the times per token; models: dtype -> model."""
     timed = {"plain": models["float32"]}
     if args.compile:
-        torch._dynamo.reset()  # compile afresh for each thread count: the compile time is news
+        # Compile afresh for each thread count, in memory and on disk (inductor keeps compiled
+        # code in a cache directory): the compile time is a first run's.
+        torch._dynamo.reset()
+        empty = tempfile.mkdtemp(prefix="attnlm-bench-inductor-")
+        atexit.register(shutil.rmtree, empty, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = empty
         timed["compiled"] = compiled(models["float32"], dynamic=True)  # as generate --compile
     timed.update({f"plain-{dtype}": model for dtype, model in models.items() if dtype != "float32"})
     found = {impl: lambda use_cache, n, m=m, split=impl != "compiled":
