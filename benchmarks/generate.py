@@ -141,7 +141,7 @@ def main():
     parser.add_argument("--hf", action="store_true", help="also time transformers' GPT-2")
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="cached runs per implementation; the fastest is summarised")
+                        help="runs per implementation and path; the fastest is summarised")
     parser.add_argument("--kv-heads", help="comma-separated n_kv_head values to time instead")
     parser.add_argument("--dtype", default="float32",
                         help="comma-separated: float32 (always timed) and/or bfloat16")
@@ -171,7 +171,7 @@ def main():
                 compile_s[impl, path] = time.perf_counter() - tick
             base["split_products"] = {dtype: split_chosen(model) for dtype, model in models.items()}
             # Runs of the implementations alternate, so that a neighbour's load falls on all.
-            for _ in range(args.repeats if use_cache else 1):
+            for _ in range(args.repeats):  # both paths alike: their ratio compares fastest runs
                 for impl, run in timed.items():
                     cpu = time.process_time()
                     times = run(use_cache, args.new_tokens)
