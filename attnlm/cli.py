@@ -35,6 +35,14 @@ def cli(ctx, debug):
 MACHINE = {"train.device": "--device", "train.threads": "--threads"}  # machine_options' keys
 
 
+def load_for_command(run, device, threads):
+    """api.load_run, a bad --device or --threads named as the option (and a bad value in the
+    checkpoint's own config as its key)."""
+    with named_as_options(MACHINE):
+        api.machine_config(device, threads)
+    return api.load_run(run, device=device, threads=threads)
+
+
 @cli.command()
 @config_option
 @set_option
@@ -123,9 +131,7 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
 
     from attnlm.prompt import prompt_text, unescape
 
-    with named_as_options(MACHINE):
-        api.machine_config(device, threads)
-    loaded = api.load_run(run, device=device, threads=threads)
+    loaded = load_for_command(run, device, threads)
     given = {f"sample.{name}": f"--{name.replace('_', '-')}" for name, value in sample.items()
              if value is not None}
     with named_as_options(given):
@@ -193,9 +199,7 @@ def evaluate(run, device, threads, as_json, **options):
     """
     from attnlm.evaluate import describe
 
-    with named_as_options(MACHINE):
-        api.machine_config(device, threads)
-    loaded = api.load_run(run, device=device, threads=threads)
+    loaded = load_for_command(run, device, threads)
     with named_as_options({"data.source": "--source"} if options["source"] is not None else {}):
         result = api.eval_run(loaded, **options)
     click.echo(json.dumps(result) if as_json else "\n".join(describe(result)))

@@ -201,8 +201,10 @@ def evaluate(model, tokenizer, spec, count, trained_on=None):
     seed or n), its training lines are held out too."""
     task = parse(spec)
     trained = parse(trained_on) if trained_on and is_synthetic(trained_on) else None
-    if trained and (trained.name, trained.length, trained.vocab) != (task.name, task.length,
-                                                                      task.vocab):
-        trained = None  # other contexts altogether: none can be one it trained on
+    # Only another variant over the same contexts can share one: its own lines are held out
+    # anyway, and another length or vocabulary makes other contexts altogether.
+    shape = (task.name, task.length, task.vocab)
+    if trained == task or (trained and (trained.name, trained.length, trained.vocab) != shape):
+        trained = None
     return {"exact_match": exact_match(model, tokenizer, task.heldout(count, trained)),
             "examples": count, "chance": task.chance()}
