@@ -143,7 +143,7 @@ import resource, sys, torch
 from attnlm.config import build_config
 from attnlm.model import GPT
 from attnlm.runtime import keep_freed_memory
-kept = keep_freed_memory()
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 cfg = build_config(overrides=["model.n_layer=1", "model.n_head=4", "model.n_embd=64", "model.block_size=256",
                               "model.attention=naive"])
 model, x = GPT(cfg.model, 65), torch.randint(0, 65, (64, 256))
@@ -156,17 +156,25 @@ print(kept, *faults[-6:])
 """
 
 
+def step_faults(mode):
+    """(whether memory was kept, page faults of each of the last 6 of 10 steps)."""
+    done = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).parent.parent)
+    kept, *faults = done.stdout.split()
+    return kept, [int(f) for f in faults]
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_training_steps_reuse_freed_memory_without_page_faults():
     """glibc's default maps each block over 32 MiB afresh and unmaps it when freed: every step
-    faults its attention scores in again page by page. Kept, steps after the first few fault none."""
-    done = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).parent.parent)
-    kept, *faults = done.stdout.split()
-    faults = [int(f) for f in faults]
+    faults its attention scores in again page by page. Kept, steps after the first few fault
+    next to nothing: against the default allocator's steps in the same test."""
+    kept, faults = step_faults("keep")
     if kept != "True":
         pytest.skip("this C library keeps its own malloc thresholds")
-    # Without keep_freed_memory each step faults at least the scores' 64 MiB in again (16,384
-    # pages; fewer only where transparent huge pages are always on).
-    # Now and then a block is mapped again (more often when other processes press on memory).
-    assert sum(f > 1000 for f in faults) <= 2, faults
+    _, default = step_faults("default")
+    # By default each step faults at least the scores' 64 MiB in again (16,384 pages; fewer only
+    # where transparent huge pages are always on). Kept, a block is mapped again now and then,
+    # when the kernel reclaims memory left cold between steps (DAMON's reclaim on some virtual
+    # machines: 1 to 3 blocks of 64 MiB in 6 steps there, against 50,000-78,000 pages every step).
+    assert sum(faults) * 4 <= sum(default), (faults, default)
