@@ -4,6 +4,10 @@ shakespeare_char recipe, each as a whole `attnlm train` command (Python start-up
 preparation, compilation and evaluations included), one after the other in this invocation.
 Each is first run for one untimed step, so that one-off work a user's later runs skip (encoding
 the text into the token cache, measuring the matmul peak) lands on neither side of the ratio.
+With --repeats N each command is timed N times, in rounds that take every run in turn (so that a
+slow stretch of a shared machine falls on all of them alike), and each keeps its fastest: others'
+work only ever adds time. Training is deterministic for a seed, so every repeat's loss is the
+same; the line gives each repeat's wall time and loss, and the worst loss.
 
 Prints one JSON line per run: the command's wall seconds, tokens/s over its steps, and the loss
 over the whole val split (in float32, whatever the training dtype); then the fast recipe's wall
@@ -47,15 +51,25 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run, e.g. train.max_iters=500")
     parser.add_argument("--plot", metavar="FILE.png", help="write the loss against wall time")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time each command this many times, in alternating rounds; keep the fastest")
     args = parser.parse_args()
     if not os.path.exists(args.data):
         emit(benchmark="train_shakespeare", skipped=f"no data at {args.data}; run data/fetch.py")
         return
     set_threads(args.threads)  # the training runs' count: each line's `threads` reports it
     with tempfile.TemporaryDirectory() as folder:
-        records = {name: measure(args, name, Path(folder) / name) for name in args.only}
+        for name in args.only:
+            warm_up(args, name, Path(folder) / "warm" / name)
+        runs = {name: [] for name in args.only}  # (wall seconds, run directory) per repeat
+        for round_ in range(args.repeats):
+            for name in args.only:
+                out = Path(folder) / f"round{round_}" / name
+                runs[name].append((timed(args, name, out), out))
+        records = {name: record(args, name, runs[name]) for name in args.only}
         if args.plot:
-            subprocess.run([sys.executable, "-m", "attnlm", "plot", *(str(Path(folder) / n) for n in records),
+            fastest = [str(min(runs[name])[1]) for name in records]
+            subprocess.run([sys.executable, "-m", "attnlm", "plot", *fastest,
                             "--x", "time", "--out", args.plot], check=True)
     if {"published", "shakespeare_fast"} <= records.keys():
         fast, published = records["shakespeare_fast"], records["published"]
@@ -65,29 +79,48 @@ def main():
              met=bool(ratio <= 0.25 and fast["val_loss_whole_split"] <= TARGET))
 
 
-def measure(args, name, out):
-    command = [sys.executable, "-m", "attnlm", "train", *RUNS[name], "--out", str(out), "--quiet",
-               "--set", f"data.source={args.data}", "--set", f"train.threads={args.threads}",
-               *(item for o in args.overrides for item in ("--set", o))]
-    # One step first, untimed: the token cache and the matmul peak of the run's dtype and threads
-    # are then filled, so that no command of the ratio pays for them (a user's second run does not).
-    # The later --out and --set win.
-    subprocess.run([*command, "--set", "train.max_iters=1", "--out", f"{out}-warm"], check=True,
+def command(args, name, out):
+    return [sys.executable, "-m", "attnlm", "train", *RUNS[name], "--out", str(out), "--quiet",
+            "--set", f"data.source={args.data}", "--set", f"train.threads={args.threads}",
+            *(item for o in args.overrides for item in ("--set", o))]
+
+
+def warm_up(args, name, out):
+    """One step, untimed: the token cache and the matmul peak of the run's dtype and threads are
+    then filled, so that no command of the ratio pays for them (a user's second run does not).
+    The later --set wins."""
+    subprocess.run([*command(args, name, out), "--set", "train.max_iters=1"], check=True,
                    stdout=subprocess.DEVNULL)
+
+
+def timed(args, name, out):
+    """The command's wall seconds."""
     tick = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - tick
+    subprocess.run(command(args, name, out), check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - tick
+
+
+def record(args, name, runs):
+    """The line of one run: its fastest repeat, and the worst val loss of any."""
+    wall, out = min(runs)
     summary = read_summary(out)
-    model, tokenizer, cfg, _ = load_model(out)
-    val = prepare_training(cfg, tokenizer)[1]["val"]
-    # In float32 whatever the training dtype: the weights' quality, not a rounding's.
-    val_loss = split_loss(model, val, cfg.model.block_size, 64, next(model.parameters()).device)
-    record = dict(run=name, wall_s=round(wall, 1), steps=summary["steps"],
-                  tokens_per_s=round(summary["tokens_per_s"]), val_loss_whole_split=round(val_loss, 4),
+    losses = [val_loss(run_dir) for _, run_dir in runs]
+    record = dict(run=name, wall_s=round(wall, 1), wall_s_each=[round(w, 1) for w, _ in runs],
+                  steps=summary["steps"], tokens_per_s=round(summary["tokens_per_s"]),
+                  val_loss_whole_split=round(max(losses), 4),
+                  val_loss_each=[round(loss, 4) for loss in losses],
                   utilisation=summary["utilisation"] and round(summary["utilisation"], 3),
                   compile_s=summary["compile_s"], overrides=args.overrides)
     emit(benchmark="train_shakespeare", **record)
     return record
+
+
+def val_loss(out):
+    """The loss of a run's model over the whole val split, in float32 whatever the training dtype:
+    the weights' quality, not a rounding's."""
+    model, tokenizer, cfg, _ = load_model(out)
+    val = prepare_training(cfg, tokenizer)[1]["val"]
+    return split_loss(model, val, cfg.model.block_size, 64, next(model.parameters()).device)
 
 
 if __name__ == "__main__":
