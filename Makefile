@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; set TORCH= to keep whatever torch the venv already has (e.g. a CUDA one).
+# torch from pip's index; set TORCH= to keep whatever torch the venv already has (a CPU-only or
+# another CUDA build).
 TORCH ?= torch==2.13.0
 
 .PHONY: install test test-all demo bench clean

@@ -103,10 +103,11 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
               help="Re-read the whole window at every step instead of using the KV cache (slow; "
                    "for comparison). Produces the same text.")
 @click.option("--compile", "compile_steps", is_flag=True,
-              help="Run the model under torch.compile, after 5-50 s of compiling before the "
-                   "first token. Whether it is faster then depends on the CPU: up to 1.25x the "
-                   "tokens/s on an Intel Xeon (paying past some 10,000 tokens), slower on an AMD "
-                   "EPYC; benchmarks/generate.py measures yours. Produces the same text.")
+              help="Run the model under torch.compile, after 5-51 s of compiling before the "
+                   "first token. Whether it is faster then depends on the CPU: 1.03-1.28x the "
+                   "tokens/s on an Intel Xeon (paying past some 10,000 tokens with a warm "
+                   "compile cache, 100,000 cold), slower on an AMD EPYC; benchmarks/generate.py "
+                   "measures yours. Produces the same text.")
 @machine_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (each sample's text and token count, tokens/s) "
@@ -126,6 +127,10 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
     (block_size // 2 tokens) and goes on from there, with or without --no-cache. A model
     whose every layer has a sliding window (and positions other than learned) never crops: it
     generates without end, its cache a ring of window positions per layer.
+
+    The run's attention backend runs every step. On the CPU, decode steps use torch's own kernels
+    rather than oneDNN's, and before the first one generation times the weight products as one
+    product each and split into four, and keeps the faster (the same tokens either way).
     """
     import time
 

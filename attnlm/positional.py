@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from attnlm.attention.masks import relative_buckets
+from attnlm.choices import POSITIONAL
 from attnlm.errors import InputError
 
 SCHEMES = {
@@ -193,4 +194,5 @@ def check_context(scheme, trained, asked):
     """Raise InputError if a model trained at context `trained` cannot read `asked` tokens."""
     if asked > trained and scheme == "learned":
         raise InputError(f"model.pos=learned has positions only up to block_size={trained}; "
-                         f"it cannot read {asked} tokens (sinusoidal, rope, alibi and none can)")
+                         f"it cannot read {asked} tokens "
+                         f"({', '.join(p for p in POSITIONAL if p != 'learned')} can)")

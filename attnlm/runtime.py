@@ -41,8 +41,8 @@ def keep_freed_memory():
     """Have glibc's malloc keep freed blocks of up to 1 GiB for the next request rather than
     giving them back to the kernel. By default it maps each block over 32 MiB afresh and unmaps it
     when freed, so every training step faults its large activations in again page by page (half
-    a million faults a step for the 6-layer, width-384 model at batch 64, a third of the step on
-    two cores). Whether it took effect; other C libraries are left as they are."""
+    a million faults a step for the 6-layer, width-384 model at batch 64, a quarter of the step on
+    two cores of an Intel Xeon). Whether it took effect; other C libraries are left as they are."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)

@@ -111,7 +111,7 @@ def endless(cfg):
 def without_onednn():
     """torch's own CPU kernels in place of oneDNN's while inside. A decode step of one position
     per row is a few thousand numbers per operation, too few to pay for oneDNN's set-up on every
-    call (its GELU alone took 3 times aten's); and its matrix-vector products are no faster. A
+    call (its GELU alone took 3 times aten's on an Intel Xeon); and its matrix-vector products are no faster. A
     prompt keeps oneDNN: in bfloat16 its matrix products are many times faster than aten's."""
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
