@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict)
 
-from attnlm.errors import AttnlmError
+from attnlm.errors import AttnlmError, InputError
 
 # How long a rank waits for the others at a collective before the job fails (rank 0 may be
 # training a tokenizer or encoding a large corpus while the others wait at a barrier).
@@ -49,6 +49,11 @@ def world():
 def join(w, device):
     """Join the job's process group (nccl on CUDA, gloo on the CPU); returns this rank's device."""
     if device.type == "cuda" and w.size > 1:  # one GPU a process: the node's LOCAL_RANK-th
+        gpus = torch.cuda.device_count()
+        if max(w.local_rank + 1, w.local_size) > gpus:  # every process of the machine refuses
+            raise InputError(f"this machine runs {w.local_size} processes of the job but shows "
+                             f"{gpus} GPU(s); start at most one a GPU (torchrun --nproc_per_node="
+                             f"{gpus}), or train on the CPU with --set train.device=cpu")
         device = torch.device("cuda", w.local_rank)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
@@ -86,11 +91,15 @@ def wrap(model, w, parallel, device):
     if w.size == 1:
         return model
     if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # On the training device's type: without a mesh FSDP2 takes the machine's accelerator,
+        # and would move a CPU job's parameters to a GPU the batches are not on.
+        mesh = init_device_mesh(device.type, (w.size,))
         for block in model.blocks:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
 

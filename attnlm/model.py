@@ -42,11 +42,13 @@ def mlp_width(cfg):
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm with its gain in the input's dtype: under autocast, queries and keys arrive in
-    bfloat16, and a float32 gain sends torch to its slow unfused path (with a warning)."""
+    """nn.RMSNorm with its gain and output in the input's dtype: under autocast, queries and keys
+    arrive in bfloat16, and a float32 gain sends torch to its slow unfused path (with a warning);
+    CUDA's autocast computes rms_norm in float32 (the CPU's does not), and queries and keys must
+    reach attention in the values' dtype."""
 
     def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps).to(x.dtype)
 
 
 def norm(cfg, dim):

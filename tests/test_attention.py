@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlm.attention import BACKENDS, check_backend, get_backend, masks, naive, sdpa, tiled
 from attnlm.config import build_config
-from attnlm.errors import ConfigError, InputError
+from attnlm.errors import AttnlmError, ConfigError, InputError
 from attnlm.positional import alibi_slopes
 
 B, H = 2, 3
@@ -344,6 +344,43 @@ def test_triton_with_alibi_matches_naive(triton_kernel, tq, tk, d, block_q, bloc
     got = run(kernel.attend, q, k, v, g, causal=causal, alibi_slopes=slopes, block_q=block_q,
               block_k=block_k)
     assert_agree(got, run(naive.attend, q, k, v, g, causal=causal, alibi_slopes=slopes))
+
+
+def test_triton_takes_keys_and_values_in_another_dtype(triton_kernel):
+    """A kernel's products take operands of one dtype: keys and values in float16 beside float32
+    queries are computed in float32, as naive computes them, their gradients in their own."""
+    kernel, device = triton_kernel
+    q, k, v, g = (t.to(device) for t in qkv(33, 33, 16))
+    k, v = k.half(), v.half()
+    got = run(kernel.attend, q, k, v, g, causal=True, block_q=16, block_k=16)
+    assert [t.dtype for t in got] == [torch.float32, torch.float32, torch.float16, torch.float16]
+    want = run(naive.attend, q, k.float(), v.float(), g, causal=True)
+    assert_agree([t.float() for t in got], [*want[:2], *(t.half().float() for t in want[2:])])
+
+
+def test_triton_refuses_more_sequences_x_heads_than_a_cuda_grid_holds(triton_kernel):
+    kernel, device = triton_kernel
+    q = torch.zeros(2, kernel.MAX_GRID_Y // 2 + 1, 1, 16, device=device)
+    with pytest.raises(AttnlmError, match="at most 65,535 sequences x heads"):
+        kernel.attend(q, q, q, causal=True, scale=0.25)
+
+
+def test_triton_names_a_gpu_too_small_for_its_tiles(triton_kernel, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    kernel, device = triton_kernel
+
+    class TooLarge:  # a kernel whose tiles need more shared memory than the GPU has
+        def __getitem__(self, grid):
+            def launch(*args, **flags):
+                raise OutOfResources(262144, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(kernel, "_fwd_kernel", TooLarge())
+    q = torch.zeros(1, 2, 8, 16, device=device)
+    with pytest.raises(AttnlmError, match="head dim 16 in torch.float32 do not fit this GPU .*"
+                                          "Required: 262144.*use model.attention=tiled or sdpa"):
+        kernel.attend(q, q, q, causal=True, scale=0.25)
 
 
 def separate_passes(q, k, v, **options):

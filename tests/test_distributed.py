@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from attnlm import checkpoint
+from attnlm import checkpoint, distributed
+from attnlm.errors import InputError
 from tests.helpers import TINY, text_file, train_curve, wait_for_step
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -20,17 +22,22 @@ def sets(*overrides):
     return [x for o in overrides for x in ("--set", o)]
 
 
+# On the CPU (gloo) even where there is a GPU: these compare processes, not devices.
+ON_CPU = ["--set", "train.device=cpu"]
+
+
 def launch(nproc, *args, extra=(), **kwargs):
     """attnlm train under torchrun, one thread a process (the test machine may have 2 cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([*TORCHRUN, *extra, f"--nproc_per_node={nproc}", "-m", "attnlm",
-                             "train", "--quiet", *map(str, args)],
+                             "train", "--quiet", *ON_CPU, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             **kwargs)
 
 
 def single(*args):
-    return subprocess.Popen([sys.executable, "-m", "attnlm", "train", "--quiet", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "attnlm", "train", "--quiet", *ON_CPU,
+                             *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -136,3 +143,11 @@ def test_two_nodes_on_one_machine_train_into_one_run_directory(tmp_path, source)
     one = single(*base, *sets("train.grad_accum=2"), "--out", tmp_path / "one")
     finish(one)
     assert_same_curve(train_curve(tmp_path / "run"), train_curve(tmp_path / "one"))
+
+
+def test_more_processes_on_a_machine_than_its_gpus_is_refused_by_every_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for local_rank in (0, 1):  # the one that would get a GPU refuses too: nothing waits for a peer
+        with pytest.raises(InputError, match=r"runs 2 processes of the job but shows 1 GPU\(s\); "
+                                             r"start at most one a GPU \(torchrun --nproc_per_node=1\)"):
+            distributed.join(distributed.World(local_rank, 2, local_rank, 2), torch.device("cuda"))

@@ -106,6 +106,25 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
     assert not torch.allclose(logits(plain, IDX), logits(model(), IDX), atol=1e-3)
 
 
+def test_qk_norm_hands_attention_queries_and_keys_in_the_values_dtype(monkeypatch):
+    """CUDA's autocast computes rms_norm in float32, the CPU's in the input's dtype: whichever it
+    is, the backend gets q, k and v in one dtype (triton's kernels refuse a mix)."""
+    def float32_rms_norm(x, *args):  # as CUDA's autocast runs it
+        return real_rms_norm(x.float(), *(a.float() if torch.is_tensor(a) else a for a in args))
+
+    real_rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr("attnlm.model.F.rms_norm", float32_rms_norm)
+    m = model("model.qk_norm=true", "model.norm=rmsnorm")
+    seen = []
+    for block in m.blocks:
+        attend = block.attn.attend
+        block.attn.attend = lambda q, k, v, attend=attend, **o: seen.append(
+            (q.dtype, k.dtype, v.dtype)) or attend(q, k, v, **o)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(IDX)
+    assert seen == [(torch.bfloat16,) * 3] * 2
+
+
 def test_a_huge_softcap_changes_nothing_and_a_small_one_does():
     plain = model()
     torch.testing.assert_close(logits(model("model.softcap=1e6"), IDX), logits(plain, IDX))

@@ -27,14 +27,34 @@ On the CPU, TRITON_INTERPRET=1 runs these kernels in NumPy (slowly): that is how
 them on a machine without a GPU.
 """
 
+import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from attnlm.errors import AttnlmError
 
 LOG2E = math.log2(math.e)
-BLOCKS = (64, 64)  # (query block, key block) on CUDA: a common choice for D <= 128; not measured
+# Integer arguments Triton would otherwise compile a kernel for per class of value (1, a multiple
+# of 16, any other): every sequence length would cost a compile (26 s at D = 64, 73 s at 128).
+PLAIN_INTS = ["n_head", "group", "tq", "tk", "window"]
+# One grid dimension holds batch x heads; CUDA allows this many blocks along it.
+MAX_GRID_Y = 65535
+
+
+def default_blocks(dtype, head_dim):
+    """(query block, key block) on CUDA, chosen so that every kernel fits in a Hopper GPU's
+    shared memory (232,448 bytes a block) and spills little; not yet timed on a GPU. Compiled
+    for sm_90a on a CPU (Triton 3.6, figures from ptxas), with every option on: 185 KB at most
+    (bfloat16, D = 256), spills up to 6 KB a thread (float32, D = 128, the dK/dV kernel), where
+    float32 in 64 x 64 tiles (its products are plain FMA code at ieee precision) spilled up to
+    174 KB and outgrew shared memory with the relative bias. D above 128 halves the key block."""
+    if dtype == torch.float32:
+        return 32, 32
+    return (64, 64) if head_dim <= 128 else (64, 32)
 
 
 @triton.jit
@@ -180,13 +200,13 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, rows, offs_n, offs_d, start, st
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PLAIN_INTS)
 def _fwd_kernel(Q, K, V, Out, Lse, NegSlopes, Rel, n_head, group, tq, tk, c, cap2, window,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                 ALIBI: tl.constexpr, RELATIVE: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements
     kv = bh // group  # (batch·n_head + head) // group = batch·n_kv_head + head // group
     offset = tk - tq
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -239,13 +259,13 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, drel, rows, offs_n, offs_d,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PLAIN_INTS)
 def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DRel, NegSlopes, Rel, n_head, group, tq, tk, scale, c,
                cap2, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                ALIBI: tl.constexpr, RELATIVE: tl.constexpr, D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements
     kv = bh // group
     offset = tk - tq
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -300,14 +320,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, cols, offs_
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PLAIN_INTS)
 def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, NegSlopes, Rel, n_head, group, tq, tk, scale,
                  c, cap2, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, RELATIVE: tl.constexpr,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
-    kv = tl.program_id(1)
+    kv = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements
     offset = tk - tq
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -351,8 +371,29 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0
         table, buckets = relative
         # The bias per head and distance 0 .. Tk-1; indexing takes its gradient back to the table.
         rel = table[:, buckets[: k.size(-2)]]
+    if q.size(0) * q.size(1) > MAX_GRID_Y:
+        raise AttnlmError(f"the triton attention backend takes at most {MAX_GRID_Y:,} sequences x "
+                          f"heads in one call, not {q.size(0) * q.size(1):,}; use a smaller "
+                          f"batch, or model.attention=tiled or sdpa")
+    forward_q, forward_k = default_blocks(q.dtype, q.size(-1))
+    # One dtype for the three (a kernel's products take operands of one type).
+    k, v = k.to(q.dtype), v.to(q.dtype)
     return TritonAttention.apply(q, k, v, rel, causal, scale, alibi_slopes, window, softcap,
-                                 block_q or BLOCKS[0], block_k or BLOCKS[1])
+                                 block_q or forward_q, block_k or forward_k)
+
+
+def _launch(kernel, grid, *args, **flags):
+    """Run a kernel on its tensors' GPU (Triton launches on the current device), with a clear
+    error where its tiles need more shared memory than this GPU has."""
+    device = args[0].device
+    try:
+        # (on the CPU, under TRITON_INTERPRET=1, there is no device to choose)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            kernel[grid](*args, **flags)
+    except OutOfResources as e:
+        raise AttnlmError(f"the triton attention kernels for head dim {flags['D']} in "
+                          f"{args[0].dtype} do not fit this GPU ({e}); use model.attention=tiled "
+                          f"or sdpa") from e
 
 
 def _flat(x):
@@ -378,8 +419,8 @@ class TritonAttention(torch.autograd.Function):
                      ALIBI=slopes is not None, RELATIVE=rel is not None, D=d, BLOCK_M=block_q,
                      BLOCK_N=block_k, BLOCK_D=max(16, triton.next_power_of_2(d)))  # tl.dot: >= 16
         heads = (neg_slopes, rel2, n_head, n_head // k.size(1), tq, tk)
-        _fwd_kernel[(triton.cdiv(tq, block_q), qf.size(0))](
-            qf, kf, vf, out, lse, *heads, c, cap2, window, **flags)
+        _launch(_fwd_kernel, (triton.cdiv(tq, block_q), qf.size(0)),
+                qf, kf, vf, out, lse, *heads, c, cap2, window, **flags)
         ctx.save_for_backward(qf, kf, vf, out, lse, neg_slopes, rel2)
         ctx.args = (q.shape, k.shape, scale, c, cap2, window, flags)
         return out.view(q.shape)
@@ -397,10 +438,10 @@ class TritonAttention(torch.autograd.Function):
         relative = flags["RELATIVE"]
         drel = torch.zeros(q.size(0), tk if relative else 1, device=q.device, dtype=torch.float32)
         heads = (neg_slopes, rel2, n_head, n_head // k_shape[1], tq, tk)
-        _dq_kernel[(triton.cdiv(tq, flags["BLOCK_M"]), q.size(0))](
-            q, k, v, do, lse, delta, dq, drel, *heads, scale, c, cap2, window, **flags)
-        _dkdv_kernel[(triton.cdiv(tk, flags["BLOCK_N"]), k.size(0))](
-            q, k, v, do, lse, delta, dk, dv, *heads, scale, c, cap2, window, **flags)
+        _launch(_dq_kernel, (triton.cdiv(tq, flags["BLOCK_M"]), q.size(0)),
+                q, k, v, do, lse, delta, dq, drel, *heads, scale, c, cap2, window, **flags)
+        _launch(_dkdv_kernel, (triton.cdiv(tk, flags["BLOCK_N"]), k.size(0)),
+                q, k, v, do, lse, delta, dk, dv, *heads, scale, c, cap2, window, **flags)
         drel = drel.view(batch, n_head, tk).sum(0) if relative else None
         return (dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), drel, None, None, None,
                 None, None, None, None)
