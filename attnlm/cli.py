@@ -128,9 +128,10 @@ def generate(run, prompt, prompt_file, stop, no_cache, compile_steps, device, th
     whose every layer has a sliding window (and positions other than learned) never crops: it
     generates without end, its cache a ring of window positions per layer.
 
-    The run's attention backend runs every step. On the CPU, decode steps use torch's own kernels
-    rather than oneDNN's, and before the first one generation times the weight products as one
-    product each and split into four, and keeps the faster (the same tokens either way).
+    The run's attention backend runs every step. On the CPU, with the cache and without
+    --compile, each step of one position uses torch's own kernels rather than oneDNN's, and
+    before the first one generation times the weight products as one product each and split
+    into four, and keeps the faster (the same tokens either way).
     """
     import time
 

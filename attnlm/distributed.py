@@ -48,19 +48,29 @@ def world():
 
 def join(w, device):
     """Join the job's process group (nccl on CUDA, gloo on the CPU); returns this rank's device."""
-    if device.type == "cuda" and w.size > 1:  # one GPU a process: the node's LOCAL_RANK-th
-        gpus = torch.cuda.device_count()
-        if max(w.local_rank + 1, w.local_size) > gpus:  # every process of the machine refuses
-            raise InputError(f"this machine runs {w.local_size} processes of the job but shows "
-                             f"{gpus} GPU(s); start at most one a GPU (torchrun --nproc_per_node="
-                             f"{gpus}), or train on the CPU with --set train.device=cpu")
-        device = torch.device("cuda", w.local_rank)
+    if device.type == "cuda" and w.size > 1:
+        device = torch.device("cuda", own_gpu(w))
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     if w.size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
     return device
+
+
+def own_gpu(w):
+    """The index of this process's GPU: the node's LOCAL_RANK-th (torchrun shows every process
+    all of them), or the one GPU a launcher left each process (CUDA_VISIBLE_DEVICES naming one,
+    as SLURM's --gpus-per-task=1 does)."""
+    gpus = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if gpus == 1 and visible and "," not in visible:
+        return 0
+    if max(w.local_rank + 1, w.local_size) > gpus:  # every process of the machine refuses
+        raise InputError(f"this machine runs {w.local_size} processes of the job but shows "
+                         f"{gpus} GPU(s); start at most one a GPU (torchrun --nproc_per_node="
+                         f"{gpus}), or train on the CPU with --set train.device=cpu")
+    return w.local_rank
 
 
 def wait_for_all(w):

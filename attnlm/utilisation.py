@@ -16,7 +16,7 @@ PEAK_SIZE = 4096  # square matrices: large enough for the device's best kernel, 
 PEAK_FILE = "matmul_peak.json"
 # Part of each cached peak's key: peaks measured before the product wrote into a ready output
 # counted its page faults, read low, and must not be reused.
-PEAK_METHOD = "mm-into-ready-output"
+PEAK_METHOD = "mm-into-ready-output-100-on-gpu"
 DISTURBED = 0.15  # how far two measurements of the same work may differ before a run is doubted
 
 

@@ -229,7 +229,7 @@ def main():
                 emit(**row, B=B, H=H, D=D, dtype=args.dtype, device=args.device)
     goals = check_goals(rows, max(lengths), args.dtype)
     if goals:
-        emit(benchmark="attention", dtype=args.dtype, goals=goals)
+        emit(benchmark="attention", D=D, dtype=args.dtype, device=args.device, goals=goals)
     if args.profile:
         for name in names:
             emit(benchmark="attention", T=lengths[-1], mode="forward", backend=name,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the CUDA path has to show, in one call of at most 8.5 minutes (each step has its own
-# limit; Triton's compiles take most of it) on a machine with an NVIDIA GPU:
+# limit, with room for Triton's compiles: about 20 s for every dtype and head dim the tests use,
+# compiled for sm_90a on a CPU) on a machine with an NVIDIA GPU:
 #   tests.log           the CUDA tests (tests/test_cuda.py: Triton against SDPA in each precision
 #                       and, in half precision, with every option against naive; training with
 #                       every backend; cached generation; the float16 GradScaler), and two CPU
@@ -20,6 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
+: > "$out/attention.jsonl"; : > "$out/train.jsonl"  # appended to below; a rerun starts afresh
 py=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0

@@ -51,8 +51,8 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run, e.g. train.max_iters=500")
     parser.add_argument("--plot", metavar="FILE.png", help="write the loss against wall time")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="time each command this many times, in alternating rounds; keep the fastest")
+    parser.add_argument("--repeats", type=at_least_one, default=1, metavar="N",
+                        help="time each command N times, in alternating rounds; keep the fastest")
     args = parser.parse_args()
     if not os.path.exists(args.data):
         emit(benchmark="train_shakespeare", skipped=f"no data at {args.data}; run data/fetch.py")
@@ -67,9 +67,9 @@ def main():
                 out = Path(folder) / f"round{round_}" / name
                 runs[name].append((timed(args, name, out), out))
         records = {name: record(args, name, runs[name]) for name in args.only}
-        if args.plot:
-            fastest = [str(min(runs[name])[1]) for name in records]
-            subprocess.run([sys.executable, "-m", "attnlm", "plot", *fastest,
+        if args.plot:  # each run's fastest repeat, under the run's name (the plot's label)
+            fastest = [min(runs[name])[1].rename(Path(folder) / name) for name in records]
+            subprocess.run([sys.executable, "-m", "attnlm", "plot", *map(str, fastest),
                             "--x", "time", "--out", args.plot], check=True)
     if {"published", "shakespeare_fast"} <= records.keys():
         fast, published = records["shakespeare_fast"], records["published"]
@@ -77,6 +77,12 @@ def main():
         emit(benchmark="train_shakespeare_time_to_loss", wall_ratio=round(ratio, 3),
              val_loss=fast["val_loss_whole_split"], target=TARGET,
              met=bool(ratio <= 0.25 and fast["val_loss_whole_split"] <= TARGET))
+
+
+def at_least_one(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def command(args, name, out):

@@ -346,6 +346,19 @@ def test_triton_with_alibi_matches_naive(triton_kernel, tq, tk, d, block_q, bloc
     assert_agree(got, run(naive.attend, q, k, v, g, causal=causal, alibi_slopes=slopes))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_in_float16_matches_naive_in_float32(triton_kernel, causal):
+    """Half precision through the kernels' 16-bit paths (operands in float16, sums in float32),
+    against naive in float32 on the same rounded inputs."""
+    kernel, device = triton_kernel
+    q, k, v, g = (t.to(device).half() for t in qkv(33, 70, 16))
+    got = run(kernel.attend, q, k, v, g, causal=causal, block_q=16, block_k=32)
+    assert all(t.dtype == torch.float16 for t in got)
+    want = run(naive.attend, q.float(), k.float(), v.float(), g.float(), causal=causal)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert ((a.float() - b).norm() / b.norm()).item() < 2e-3, name
+
+
 def test_triton_takes_keys_and_values_in_another_dtype(triton_kernel):
     """A kernel's products take operands of one dtype: keys and values in float16 beside float32
     queries are computed in float32, as naive computes them, their gradients in their own."""
@@ -361,7 +374,7 @@ def test_triton_takes_keys_and_values_in_another_dtype(triton_kernel):
 def test_triton_refuses_more_sequences_x_heads_than_a_cuda_grid_holds(triton_kernel):
     kernel, device = triton_kernel
     q = torch.zeros(2, kernel.MAX_GRID_Y // 2 + 1, 1, 16, device=device)
-    with pytest.raises(AttnlmError, match="at most 65,535 sequences x heads"):
+    with pytest.raises(InputError, match="at most 65,535 sequences x heads"):
         kernel.attend(q, q, q, causal=True, scale=0.25)
 
 

@@ -147,7 +147,22 @@ def test_two_nodes_on_one_machine_train_into_one_run_directory(tmp_path, source)
 
 def test_more_processes_on_a_machine_than_its_gpus_is_refused_by_every_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for local_rank in (0, 1):  # the one that would get a GPU refuses too: nothing waits for a peer
         with pytest.raises(InputError, match=r"runs 2 processes of the job but shows 1 GPU\(s\); "
                                              r"start at most one a GPU \(torchrun --nproc_per_node=1\)"):
             distributed.join(distributed.World(local_rank, 2, local_rank, 2), torch.device("cuda"))
+
+
+@pytest.mark.parametrize("visible, local_rank, gpus, want", [
+    ("3", 1, 1, 0),         # a launcher left each process its own GPU
+    (None, 1, 2, 1),        # torchrun: every process sees them all
+    ("0,1", 1, 2, 1),
+])
+def test_each_process_takes_its_own_gpu(monkeypatch, visible, local_rank, gpus, want):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert distributed.own_gpu(distributed.World(local_rank, 2, local_rank, 2)) == want

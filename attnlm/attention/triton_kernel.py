@@ -35,11 +35,12 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from attnlm.errors import AttnlmError
+from attnlm.errors import AttnlmError, InputError
 
 LOG2E = math.log2(math.e)
 # Integer arguments Triton would otherwise compile a kernel for per class of value (1, a multiple
-# of 16, any other): every sequence length would cost a compile (26 s at D = 64, 73 s at 128).
+# of 16, any other): a decode step (tq = 1) and lengths that move between classes would each cost
+# another compile (26 s at D = 64, 73 s at 128 for float32's former tiles, on a CPU).
 PLAIN_INTS = ["n_head", "group", "tq", "tk", "window"]
 # One grid dimension holds batch x heads; CUDA allows this many blocks along it.
 MAX_GRID_Y = 65535
@@ -51,7 +52,9 @@ def default_blocks(dtype, head_dim):
     for sm_90a on a CPU (Triton 3.6, figures from ptxas), with every option on: 185 KB at most
     (bfloat16, D = 256), spills up to 6 KB a thread (float32, D = 128, the dK/dV kernel), where
     float32 in 64 x 64 tiles (its products are plain FMA code at ieee precision) spilled up to
-    174 KB and outgrew shared memory with the relative bias. D above 128 halves the key block."""
+    174 KB and outgrew shared memory with the relative bias. D above 128 halves the key block.
+    Compiling the three kernels took 5 s (D = 64) and 14 s (D = 128) in float32, 2 to 4 s in
+    bfloat16, there (one thread of an AMD EPYC)."""
     if dtype == torch.float32:
         return 32, 32
     return (64, 64) if head_dim <= 128 else (64, 32)
@@ -372,7 +375,7 @@ def attend(q, k, v, *, causal, scale, dropout_p=0.0, alibi_slopes=None, window=0
         # The bias per head and distance 0 .. Tk-1; indexing takes its gradient back to the table.
         rel = table[:, buckets[: k.size(-2)]]
     if q.size(0) * q.size(1) > MAX_GRID_Y:
-        raise AttnlmError(f"the triton attention backend takes at most {MAX_GRID_Y:,} sequences x "
+        raise InputError(f"the triton attention backend takes at most {MAX_GRID_Y:,} sequences x "
                           f"heads in one call, not {q.size(0) * q.size(1):,}; use a smaller "
                           f"batch, or model.attention=tiled or sdpa")
     forward_q, forward_k = default_blocks(q.dtype, q.size(-1))
