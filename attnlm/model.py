@@ -160,13 +160,14 @@ class Block(nn.Module):
         y = self.drop(y)
         return y if self.residual_scale == 1 else y * self.residual_scale
 
-    def forward(self, x, cache=None, pos=0, similarities=None):
-        """similarities: a list to which the heads' mean output similarity is appended."""
+    def forward(self, x, cache=None, pos=0, with_similarity=False):
+        """The block's output and, with_similarity, its heads' mean output similarity too (as a
+        result: FSDP2 hands a block copies of arguments that hold tensors, so a list passed in to
+        be appended to would stay empty)."""
         y, heads = self.attn(self.norm1(x), cache, pos)
-        if similarities is not None:
-            similarities.append(head_similarity(heads))
         x = x + self.branch(y)
-        return x + self.branch(self.mlp(self.norm2(x)))
+        x = x + self.branch(self.mlp(self.norm2(x)))
+        return (x, head_similarity(heads)) if with_similarity else x
 
 
 class GPT(nn.Module):
@@ -219,9 +220,14 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos, idx.size(1))
         x = self.drop(x)
-        similarities = [] if head_diversity and targets is not None else None
+        penalised = bool(head_diversity) and targets is not None
+        similarities = []
         for block in self.blocks:
-            x = block(x, cache, pos, similarities)
+            if penalised:
+                x, similarity = block(x, cache, pos, with_similarity=True)
+                similarities.append(similarity)
+            else:
+                x = block(x, cache, pos)
         if cache is not None:
             cache.advance(idx.size(1))
         if last_only:

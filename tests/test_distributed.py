@@ -60,8 +60,10 @@ def source(tmp_path):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, source, parallel):
-    # With dropout: each micro-batch has its own masks, whichever process draws it.
-    base = sets(f"data.source={source}", *TINY, *STEPS, "model.dropout=0.1")
+    # With dropout: each micro-batch has its own masks, whichever process draws it. With the
+    # head-diversity penalty: every block's share of it reaches the loss under FSDP too.
+    base = sets(f"data.source={source}", *TINY, *STEPS, "model.dropout=0.1",
+                "train.head_diversity=0.1")
     two = launch(2, *base, *sets(f"train.parallel={parallel}"), "--out", tmp_path / "two")
     one = single(*base, *sets("train.grad_accum=2"), "--out", tmp_path / "one")
     finish(two), finish(one)
