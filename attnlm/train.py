@@ -79,25 +79,31 @@ def resume_config(out, yaml_doc, overrides):
         raise InputError(f"cannot change train.optimizer when resuming {out}: the run's optimizer "
                          f"state is {saved.train.optimizer}'s")
     if cfg.train.grad_accum == saved.train.grad_accum:
-        cfg = keep_step_size(cfg, ckpt.get("world_size", 1), distributed.world())
+        cfg = keep_step_size(cfg, saved.train, ckpt.get("world_size", 1), distributed.world())
     return cfg
 
 
-def keep_step_size(cfg, saved_size, w):
-    """A run resumed by another number of processes keeps its sequences per step (batch_size x
-    grad_accum x processes) by changing grad_accum, so that its steps go on meaning the same."""
+def keep_step_size(cfg, saved, saved_size, w):
+    """A run resumed by another number of processes, or with another batch_size (and its saved
+    grad_accum), keeps its sequences per step (batch_size x grad_accum x processes) by changing
+    grad_accum, so that its steps go on meaning the same."""
     t = cfg.train
-    per_step = t.grad_accum * saved_size  # micro-batches of batch_size a step
-    if saved_size == w.size:
+    per_step = saved.batch_size * saved.grad_accum * saved_size
+    per_micro_batch = t.batch_size * w.size  # sequences of one micro-batch across the job
+    if t.grad_accum * per_micro_batch == per_step:
         return cfg
-    if per_step % w.size:
-        raise InputError(f"this run takes {per_step} micro-batch(es) of {t.batch_size} a step, saved "
-                         f"by {saved_size} process(es); {w.size} cannot share them evenly (use a "
-                         f"number of processes that divides {per_step}, or set train.grad_accum)")
-    accum = per_step // w.size
+    if per_step % per_micro_batch:
+        raise InputError(f"this run takes {per_step} sequences a step, saved by {saved_size} "
+                         f"process(es) at train.batch_size={saved.batch_size}; {w.size} "
+                         f"process(es) at train.batch_size={t.batch_size} cannot share them "
+                         f"evenly (choose sizes whose product divides {per_step}, or set "
+                         f"train.grad_accum)")
+    accum = per_step // per_micro_batch
     if w.main:
-        run.note(f"resuming on {w.size} process{'es' * (w.size > 1)} a run saved by {saved_size}: "
-                 f"train.grad_accum {t.grad_accum} -> {accum} keeps {per_step * t.batch_size} "
+        batch = (f", train.batch_size {saved.batch_size} -> {t.batch_size}"
+                 if t.batch_size != saved.batch_size else "")
+        run.note(f"resuming on {w.size} process{'es' * (w.size > 1)} a run saved by {saved_size}"
+                 f"{batch}: train.grad_accum {t.grad_accum} -> {accum} keeps {per_step} "
                  "sequences a step")
     return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accum))
 

@@ -14,7 +14,8 @@ from attnlm.errors import AttnlmError, InputError
 from attnlm.model import GPT
 from attnlm.runtime import slow_dtype_warning
 from attnlm.run import load_model, lock as run_lock
-from attnlm.train import fix_schedule, lr_at, resume_config, train
+from attnlm.distributed import World
+from attnlm.train import fix_schedule, keep_step_size, lr_at, resume_config, train
 from tests.helpers import TEXT, TINY, text_file, tiny_config
 
 
@@ -56,6 +57,45 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     cfg = resume_config(tmp_path / "resumed", None, ["train.max_iters=20"])
     train(cfg, tmp_path / "resumed", resume=True, quiet=True)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+
+
+def test_resume_with_a_smaller_batch_keeps_the_sequences_of_a_step(tmp_path, capsys):
+    """Half the batch on resume doubles grad_accum: each step still takes the same 4 sequences,
+    so the curve goes on as the uninterrupted run's (to float rounding: the sums split)."""
+    source = text_file(tmp_path)
+    same = ["train.lr_decay_iters=20"]
+    train(tiny_config(source, *same), tmp_path / "full", quiet=True)
+    train(tiny_config(source, *same, "train.max_iters=10"), tmp_path / "resumed", quiet=True)
+    cfg = resume_config(tmp_path / "resumed", None, ["train.max_iters=20", "train.batch_size=2"])
+    assert (cfg.train.batch_size, cfg.train.grad_accum) == (2, 2)
+    assert "train.batch_size 4 -> 2: train.grad_accum 1 -> 2 keeps 4 sequences" in capsys.readouterr().err
+    train(cfg, tmp_path / "resumed", resume=True, quiet=True)
+    got, want = losses(tmp_path / "resumed"), losses(tmp_path / "full")
+    assert [s for s, _ in got[0]] == [s for s, _ in want[0]]
+    assert [v for _, v in got[0]] == pytest.approx([v for _, v in want[0]], rel=1e-4)
+
+
+@pytest.mark.parametrize("saved, now, world, accum", [
+    ((4, 1, 2), 8, 1, 1),   # half the processes at twice the batch: nothing to change
+    ((4, 1, 2), 4, 1, 2),   # half the processes: twice the micro-batches
+    ((4, 2, 1), 8, 1, 1),   # twice the batch on as many processes
+    ((4, 1, 2), 4, 2, 1),   # as saved
+])
+def test_resume_keeps_the_saved_sequences_per_step(saved, now, world, accum):
+    batch, saved_accum, saved_world = saved
+    cfg = build_config(overrides=[f"train.batch_size={now}", f"train.grad_accum={saved_accum}"])
+    saved_train = build_config(overrides=[f"train.batch_size={batch}",
+                                          f"train.grad_accum={saved_accum}"]).train
+    kept = keep_step_size(cfg, saved_train, saved_world, World(0, world))
+    assert kept.train.grad_accum == accum
+    assert kept.train.batch_size * kept.train.grad_accum * world == batch * saved_accum * saved_world
+
+
+def test_resume_refuses_sizes_that_cannot_share_the_saved_step():
+    cfg = build_config(overrides=["train.batch_size=4"])
+    saved = build_config(overrides=["train.batch_size=4"]).train
+    with pytest.raises(InputError, match="takes 8 sequences a step.*3 process"):
+        keep_step_size(cfg, saved, 2, World(0, 3))
 
 
 def test_resume_cannot_change_the_model(tmp_path):
