@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict)
 
 from attnlm.errors import AttnlmError, InputError
+from attnlm.runtime import usable_cores
 
 # How long a rank waits for the others at a collective before the job fails (rank 0 may be
 # training a tokenizer or encoding a large corpus while the others wait at a barrier).
@@ -87,11 +88,11 @@ def leave():
 
 
 def threads_per_process(w):
-    """CPU threads for train.threads=0: OMP_NUM_THREADS where set (torchrun sets 1), else this
-    machine's cores shared among the job's processes on it."""
+    """CPU threads for train.threads=0: OMP_NUM_THREADS where set (torchrun sets 1), else the
+    cores this process may use (usable_cores) shared among the job's processes on its machine."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, (os.cpu_count() or 1) // w.local_size)
+    return max(1, usable_cores() // w.local_size)
 
 
 def wrap(model, w, parallel, device):

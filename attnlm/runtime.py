@@ -28,8 +28,16 @@ def resolve_device(name):
     return device
 
 
+def usable_cores():
+    """The cores this process may run on: its CPU affinity where the system has one (taskset,
+    SLURM's --cpus-per-task, a container's cpuset), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_threads(threads):
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or usable_cores())
 
 
 # glibc's mallopt parameters (malloc.h) and the size below which freed memory is kept for reuse.

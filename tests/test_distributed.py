@@ -168,3 +168,10 @@ def test_each_process_takes_its_own_gpu(monkeypatch, visible, local_rank, gpus, 
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert distributed.own_gpu(distributed.World(local_rank, 2, local_rank, 2)) == want
+
+
+def test_threads_follow_the_cores_a_process_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert distributed.threads_per_process(distributed.World(0, 2, 0, 2)) == 3
