@@ -70,12 +70,15 @@ def train(config_path, overrides, out, resume, dry_run, as_json, quiet):
         if resume and not named and not os.path.isdir(out):
             raise InputError(f"--resume: no run in {out}, the default --out for this config; "
                              "name the run to continue with --out")
-        doc = config_mod.config_doc(config_path)
+        with distributed.alike_on_every_rank():
+            doc = config_mod.config_doc(config_path)
         cfg = train_mod.configure(doc, overrides, out, resume)
         if dry_run:
             train_mod.dry_run(cfg, out, resume, quiet)
             tree = config_mod.to_dict(cfg)
-            click.echo(json.dumps(tree) if as_json else yaml.safe_dump(tree, sort_keys=False), nl=as_json)
+            if distributed.world().main:  # one job, one report
+                click.echo(json.dumps(tree) if as_json else yaml.safe_dump(tree, sort_keys=False),
+                           nl=as_json)
             return
         summary = train_mod.train(cfg, out, resume=resume, quiet=quiet)
     if not distributed.world().main:  # one job, one report: rank 0's

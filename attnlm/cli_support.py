@@ -22,8 +22,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except AttnlmError as err:
-            if getattr(err, "shared", False) and os.environ.get("RANK", "0") != "0":
-                ctx.exit(err.exit_code)  # every rank of a torchrun job has it: rank 0 says it
+            if getattr(err, "shared", False) and os.environ.get("LOCAL_RANK", "0") != "0":
+                ctx.exit(err.exit_code)  # every rank has it: each machine's first process says it
             self._fail(ctx, f"error: {err}", err.exit_code)
         except KeyboardInterrupt:
             self._fail(ctx, "interrupted", 130)

@@ -178,9 +178,21 @@ def from_main(w, produce):
 
 
 def shared(error):
-    """Mark an error that every rank of the job raises alike: rank 0 alone reports it."""
+    """Mark an error that every rank of the job raises alike: each machine's first process
+    (LOCAL_RANK 0) alone reports it, so a job of 16 processes on 2 machines prints it twice,
+    once in each machine's log."""
     error.shared = True
     return error
+
+
+@contextlib.contextmanager
+def alike_on_every_rank():
+    """Errors raised inside come alike on every rank: they follow from the job's arguments and
+    from files every machine sees."""
+    try:
+        yield
+    except AttnlmError as err:
+        raise shared(err) from None
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -57,12 +57,10 @@ def describe_schedule(t, step):
 
 def configure(yaml_doc, overrides, out, resume=False):
     """The config of a new run, or that of the run in `out` with new overrides on top."""
-    if resume:
-        try:
+    with distributed.alike_on_every_rank():
+        if resume:
             return resume_config(out, yaml_doc, overrides)
-        except AttnlmError as err:  # every rank of a job reads the same files and refuses alike
-            raise distributed.shared(err) from None
-    return fix_schedule(config_mod.build_config(yaml_doc, overrides))
+        return fix_schedule(config_mod.build_config(yaml_doc, overrides))
 
 
 def resume_config(out, yaml_doc, overrides):

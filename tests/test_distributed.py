@@ -105,6 +105,17 @@ def test_a_refusal_on_rank_0_stops_the_job_with_one_line(tmp_path, source):
 LONG = ["train.max_iters=100000", "train.eval_interval=3", "train.eval_iters=1"]
 
 
+def test_a_bad_config_and_a_dry_run_say_it_once_for_the_machine(tmp_path, source):
+    base = sets(f"data.source={source}", *TINY)
+    proc = launch(2, *base, *sets("train.max_iter=5"), "--out", tmp_path / "run")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("unknown key 'train.max_iter'") == 1, err[-2000:]
+    proc = launch(2, *base, "--dry-run", "--json", "--out", tmp_path / "run")
+    out = finish(proc)
+    assert len(out.splitlines()) == 1 and json.loads(out)["train"]["batch_size"] == 4
+
+
 def test_a_rank_killed_brings_the_job_down_with_a_loadable_checkpoint(tmp_path, source):
     run = tmp_path / "run"
     proc = launch(2, *sets(f"data.source={source}", *TINY, *LONG), "--out", run)
