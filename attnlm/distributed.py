@@ -148,6 +148,18 @@ def is_lost_peer(err):
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL"))
 
 
+@contextlib.contextmanager
+def naming_a_lost_peer(w):
+    """A collective that fails because another process of the job is gone, anywhere in a run
+    (joining, wrapping the model, loading, leaving), as lost_peer's one line."""
+    try:
+        yield
+    except RuntimeError as err:
+        if w.size > 1 and is_lost_peer(err):
+            raise lost_peer(err) from None
+        raise
+
+
 def lost_peer(err):
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # without the source location
     reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__

@@ -12,6 +12,7 @@ and loading a model from a run (or a checkpoint file) with its backend policy.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import glob
 import json
@@ -118,8 +119,21 @@ def read_config(run):
     return config_mod.from_dict(doc)
 
 
+@contextlib.contextmanager
+def _writing(path):
+    """A failed write of a run's file as one line (exit 1), not a traceback: the disk full, the
+    folder gone or read-only. What was written before stays (every write is whole or none)."""
+    try:
+        yield
+    except OSError as err:
+        reason = ("no space left on the device" if err.errno == errno.ENOSPC
+                  else err.strerror or str(err))
+        raise AttnlmError(f"cannot write {path}: {reason}") from None
+
+
 def write_config(out, cfg):
-    atomic_write(Path(out) / CONFIG, yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+    with _writing(Path(out) / CONFIG):
+        atomic_write(Path(out) / CONFIG, yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
 
 
 def write_tokenizer(out, tokenizer):
@@ -200,7 +214,8 @@ class MetricsLog:
         self.path = Path(out) / METRICS
 
     def start(self):
-        atomic_write(self.path, "")
+        with _writing(self.path):
+            atomic_write(self.path, "")
 
     def resume(self, step):
         """Keep the records up to the checkpoint's step (a torn last line is repaired), written
@@ -208,10 +223,11 @@ class MetricsLog:
         records, torn = _parse_records(self.path) if self.path.exists() else ([], False)
         if torn:
             note(f"note: {self.path} ended in a half-written line; it was dropped")
-        atomic_write(self.path, "".join(_dumps(r) + "\n" for r in records if r["step"] <= step))
+        with _writing(self.path):
+            atomic_write(self.path, "".join(_dumps(r) + "\n" for r in records if r["step"] <= step))
 
     def write(self, **record):
-        with open(self.path, "a", encoding="utf-8") as f:
+        with _writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(_dumps(record) + "\n")
 
 
@@ -234,7 +250,8 @@ def read_summary(run):
 
 
 def write_summary(out, summary):
-    atomic_write(Path(out) / SUMMARY, _dumps(summary, indent=2) + "\n")
+    with _writing(Path(out) / SUMMARY):
+        atomic_write(Path(out) / SUMMARY, _dumps(summary, indent=2) + "\n")
 
 
 def read_eval(run):

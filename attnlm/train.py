@@ -187,7 +187,8 @@ def train(cfg, out, resume=False, quiet=False):
     Under torchrun every rank calls this: rank 0 holds the run directory's lock and writes it."""
     out = Path(out)
     w = distributed.world()
-    with deferred_interrupts() as interrupt, contextlib.ExitStack() as held:
+    with distributed.naming_a_lost_peer(w), deferred_interrupts() as interrupt, \
+            contextlib.ExitStack() as held:
         held.callback(distributed.leave)
         distributed.join(w, resolve_device(cfg.train.device))
 
@@ -338,9 +339,7 @@ def _train(cfg, out, resume, quiet, interrupt, w):
                     f"{tokens_per_s:,.0f} tokens/s, "
                     f"{utilisation.describe(tokens_per_s, flops, peak, t.dtype, w.size)}")
                 save()
-    except RuntimeError as err:  # torch.OutOfMemoryError is one
-        if w.size > 1 and distributed.is_lost_peer(err):
-            raise distributed.lost_peer(err) from None
+    except RuntimeError as err:  # torch.OutOfMemoryError is one (a lost peer: see train)
         if t.compile and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
             cause = str(getattr(err, "inner_exception", err)).splitlines()[0]
             raise AttnlmError(f"torch.compile failed ({cause}); train without it: --set "

@@ -95,7 +95,7 @@ def test_the_metrics_rewrite_on_resume_is_whole_or_nothing(tmp_path, monkeypatch
         raise OSError(5, "Input/output error")  # the machine goes down before the rename
 
     monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(AttnlmError, match="cannot write .*metrics.jsonl: Input/output error"):
         run.MetricsLog(tmp_path).resume(step=1)
     assert path.read_text() == before
 

@@ -311,3 +311,21 @@ def test_resume_takes_the_new_optimizer_settings_and_refuses_another_optimizer(t
                                                                           (0.0, (0.5, 0.99))]
     with pytest.raises(InputError, match="cannot change train.optimizer"):
         resume_config(tmp_path / "run", None, ["train.optimizer=muon"])
+
+
+def test_a_full_disk_while_logging_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from attnlm import run as run_mod
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "open", full_disk, raising=False)
+    cfg = tiny_config(text_file(tmp_path))
+    with pytest.raises(AttnlmError, match=r"cannot write .*metrics.jsonl: no space left on the device"):
+        train(cfg, tmp_path / "run", quiet=True)
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 0
