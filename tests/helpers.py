@@ -2,6 +2,8 @@
 
 import time
 
+import torch
+
 from attnlm import run as run_mod
 from attnlm.config import build_config
 
@@ -43,3 +45,14 @@ def wait_for_step(run, step, proc, timeout=90):
             return
         time.sleep(0.02)
     raise AssertionError(f"training never reached step {step}: {proc.communicate()}")
+
+
+def spread(model):
+    """An untrained model with every matrix drawn at standard deviation 1: its attention weighs
+    on the output (at GPT-2's initialisation the last token alone decides the next, and a cache
+    that lost the context would go unseen) and its logits meet no near-ties."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(std=1.0)
+    return model

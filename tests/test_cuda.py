@@ -17,7 +17,7 @@ from attnlm.model import GPT
 from attnlm.positional import alibi_slopes
 from attnlm.sampling import Controls, generate
 from attnlm.train import train
-from tests.helpers import text_file, tiny_config, train_curve
+from tests.helpers import spread, text_file, tiny_config, train_curve
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -112,7 +112,7 @@ def test_training_with_each_backend_under_bfloat16(tmp_path, backend):
 def test_cached_generation_equals_uncached(backend):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=48, attention=backend)
-    model = GPT(cfg, 97).cuda().eval()
+    model = spread(GPT(cfg, 97)).cuda().eval()
     prompt = torch.randint(97, (3, 5), device="cuda")
 
     def run(use_cache):

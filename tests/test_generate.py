@@ -16,7 +16,7 @@ from attnlm.model import GPT
 from attnlm.positional import SCHEMES
 from attnlm.sampling import Controls, complete, generate, without_onednn
 from attnlm.train import train
-from tests.helpers import text_file, tiny_config
+from tests.helpers import spread, text_file, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,8 +78,7 @@ def test_cached_and_uncached_decoding_give_the_same_tokens(run_dir, backend, con
 def test_cached_and_uncached_agree_for_every_positional_scheme(backend, pos):
     torch.manual_seed(0)
     cfg = ModelConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, pos=pos, attention=backend)
-    model = GPT(cfg, 256).to("cuda" if BACKENDS[backend].cuda_only else "cpu").eval()
-    torch.nn.init.normal_(model.tok_emb.weight, std=1.0)  # spread the logits: no near-ties
+    model = spread(GPT(cfg, 256)).to("cuda" if BACKENDS[backend].cuda_only else "cpu").eval()
     for controls in (Controls(temperature=0), Controls(temperature=1.0)):
         cached = tokens(model, SHORT[:3], 2 * BLOCK, controls, seed=3, rows=2)
         assert cached == tokens(model, SHORT[:3], 2 * BLOCK, controls, seed=3, rows=2,
@@ -267,26 +266,20 @@ def test_end_of_text_token_ends_a_sample_unshown(run_dir):
 
 
 # Grouped-query and sliding-window layers: the cache holds n_kv_head heads, a windowed layer a
-# ring of `window` positions. WINDOWED: the backends that take windows and grouped keys.
+# ring of `window` positions. WINDOWED: every backend that runs on the CPU, where these models are.
 
-WINDOWED = ["naive"]
+WINDOWED = [name for name, backend in BACKENDS.items() if not backend.cuda_only]
 WINDOW = 5
 LAYOUTS = {"windowed": ("", 4), "SSSL": ("SSSL", 4), "LS": ("LS", 2)}  # pattern, layers
 
 
 def variant(pos, layout, n_kv_head, backend="naive"):
-    """An untrained 4-head model whose every matrix is drawn at standard deviation 1: its
-    attention weighs on the output (at GPT-2's initialisation the last token alone decides the
-    next, and a cache that lost the context would go unseen) and its logits meet no near-ties."""
+    """An untrained 4-head model, spread (see helpers.spread)."""
     pattern, layers = LAYOUTS[layout]
     torch.manual_seed(0)
     cfg = ModelConfig(block_size=BLOCK, n_layer=layers, n_head=4, n_kv_head=n_kv_head, n_embd=32,
                       pos=pos, window=WINDOW, window_pattern=pattern, attention=backend)
-    model = GPT(cfg, 256).eval()
-    for p in model.parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=1.0)
-    return model
+    return spread(GPT(cfg, 256)).eval()
 
 
 def full_forward_greedy(model, prompt, generated):

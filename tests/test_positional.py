@@ -17,7 +17,7 @@ from attnlm.model import GPT, Attention
 from attnlm.positional import SCHEMES, Rotary, Sinusoidal, alibi_slopes
 from attnlm.sampling import Controls, generate
 from attnlm.train import train
-from tests.helpers import text_file, tiny_config
+from tests.helpers import spread, text_file, tiny_config
 
 BACKENDS = {"naive": naive.attend, "sdpa": sdpa.attend, "tiled": tiled.attend}
 
@@ -224,7 +224,7 @@ def test_cached_steps_give_the_logits_of_a_full_forward(pos, backend):
 
 @pytest.mark.parametrize("pos", SCHEMES)
 def test_cached_and_uncached_greedy_decoding_agree(pos):
-    model = tiny(f"model.pos={pos}", "model.attention=tiled").eval()
+    model = spread(tiny(f"model.pos={pos}", "model.attention=tiled")).eval()
     prompt = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
 
     def decode(use_cache):

@@ -101,6 +101,19 @@ def test_sampling_draws_from_the_filtered_distribution():
     assert (tokens == 1).float().mean().item() == pytest.approx(share, abs=0.03)
 
 
+@pytest.mark.parametrize("controls", [Controls(temperature=2.0, top_p=0.65),
+                                      Controls(temperature=2.0, min_p=0.6)],
+                         ids=["top-p", "min-p"])
+def test_temperature_comes_before_the_filters_in_a_draw(controls):
+    """At temperature 2 the probabilities are sqrt(p) renormalised, 0.230, 0.325, 0.163, 0.282:
+    top-p 0.65 keeps ids 1, 3 and 0 (0.607 before 0 joins), min-p 0.6 those of at least
+    0.6 x 0.325 = 0.195, ids 0, 1 and 3. Filtered before the temperature (at 1), both would keep
+    ids 1 and 3 alone; without the filter, all four."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = next_token(LOGITS.expand(4000, -1), controls, generator=gen)
+    assert sorted(set(tokens.tolist())) == [0, 1, 3]
+
+
 def test_same_seed_same_draws():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     draw = lambda seed: next_token(logits, Controls(0.9, 20, 0.9, 0.01, 1.2), logits > 0,
