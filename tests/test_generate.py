@@ -354,11 +354,20 @@ def run(*args):
     return CliRunner().invoke(cli, args)
 
 
-def test_cli_streams_the_same_text_with_and_without_the_cache(run_dir):
+def test_cli_streams_the_same_text_with_and_without_the_cache(run_dir, monkeypatch):
+    lengths = []  # positions each forward pass reads
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: lengths.append(idx.size(1))
+                        or forward(self, idx, *a, **k))
     for args in (["--temperature", 0], ["--seed", 5, "--top-p", 0.9, "--repetition-penalty", 1.2]):
+        lengths.clear()
         cached = run("generate", run_dir, "--prompt", "line 2", "--max-new-tokens", 40, *args)
+        # One position a step, but the prompt and each restart of the full 16-token window.
+        assert lengths.count(1) >= 30
+        lengths.clear()
         uncached = run("generate", run_dir, "--prompt", "line 2", "--max-new-tokens", 40, *args,
                        "--no-cache")
+        assert min(lengths) > 1  # every step re-reads its window
         assert cached.exit_code == 0, cached.output
         assert cached.stdout == uncached.stdout and cached.stdout.startswith("line 2")
 

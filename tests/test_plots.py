@@ -112,6 +112,7 @@ def test_plot_command_writes_into_the_run_or_where_told(tmp_path):
     out = tmp_path / "both.png"
     result = CliRunner().invoke(cli, ["plot", str(tmp_path / "runs"), "--out", str(out), "--log-y"])
     assert result.exit_code == 0 and imread(out).shape[0] > 100
+    assert plots.loss_curves([a], tmp_path / "log.png", log_y=True).axes[0].get_yscale() == "log"
 
 
 def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch):

@@ -264,12 +264,18 @@ def evaluate(*args):
     return CliRunner().invoke(cli, ["eval", *(str(a) for a in args)])
 
 
-def test_eval_reads_longer_windows_than_trained_with_rope(runs):
+def test_eval_reads_longer_windows_than_trained_with_rope(runs, monkeypatch):
+    lengths = []
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: lengths.append(idx.size(1))
+                        or forward(self, idx, *a, **k))
     for block in (32, 64, 128):  # trained at 32
+        lengths.clear()
         result = evaluate(runs / "rope", "--block-size", block, "--json")
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["block_size"] == block and math.isfinite(report["loss"])
+        assert max(lengths) == block  # the model read windows of that length
 
 
 def test_eval_refuses_a_longer_context_for_learned_positions(runs):

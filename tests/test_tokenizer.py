@@ -69,6 +69,7 @@ HARD = SAMPLES + [
     "  leading and trailing spaces  ", "\n\n\nblank lines\r\nCRLF\r\n", "\t\tindented\n    code",
     "Ελληνικά русский العربية हिन्दी 한국어 ไทย", "👨‍👩‍👧 family, flag 🇫🇷, skin 👍🏽", "\x1b[31mred\x1b[0m \x07\x08",
     "\ufffd replacement \U0010ffff last code point", "the quick brown fox " * 200,
+    "first\n" + "the quick brown fox " * 200,  # a line cut into pieces after a newline
 ]
 
 
