@@ -66,6 +66,32 @@ def test_capturing_changes_no_output_and_restores_the_backend(attention, pos):
     assert [block.attn.attend for block in model.blocks] == before
 
 
+@pytest.mark.parametrize("attention", ["naive", "sdpa", "tiled"])
+@pytest.mark.parametrize("options", [
+    {"pos": "alibi"}, {"pos": "relative"}, {"pos": "rope", "softcap": 2.0},
+    {"pos": "rope", "window": 5}, {"pos": "rope", "n_kv_head": 2}],
+    ids=["alibi", "relative", "softcap", "window", "grouped"])
+def test_the_captured_weights_are_those_the_backend_applied(attention, options):
+    """The captured probabilities times the values give the backend's own output: every bias,
+    cap, window and key/value head the backend saw is in them."""
+    model = small_model(attention, **options)
+    with torch.no_grad():
+        for p in model.parameters():  # a relative table far from zero, scores that the cap bends
+            p.normal_(std=1.0)
+    applied = []
+    for block in model.blocks:
+        def recording(q, k, v, attend=block.attn.attend, **kwargs):
+            out = attend(q, k, v, **kwargs)
+            applied.append((v, out))
+            return out
+        block.attn.attend = recording
+    with torch.no_grad(), diagnostics.captured_attention(model) as captured:
+        model(torch.randint(20, (2, 16), generator=torch.Generator().manual_seed(3)))
+    for probs, (v, out) in zip(captured, applied, strict=True):
+        v = v.repeat_interleave(probs.size(1) // v.size(1), dim=1)
+        torch.testing.assert_close(probs @ v, out, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("options", [{}, {"score": "additive"}, {"pos": "relative"}])
 def test_a_bfloat16_models_attention_is_its_float32_copys_to_bfloat16s_precision(options):
     # The probabilities are recomputed in float32 from the bfloat16 model's own q and k (and its
