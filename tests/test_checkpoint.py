@@ -38,6 +38,12 @@ def test_the_checksum_covers_every_value(tmp_path):
     assert checkpoint.checksum({**payload, "step": 4}) != base
     assert checkpoint.checksum({**payload, "config": {"train": {"lr": 0.2}}}) != base
     assert checkpoint.checksum({**payload, "model": {"tok_emb.weight": weights()["tok_emb.weight"].double()}}) != base
+    # The same bytes under another name, or in another shape or dtype, are another checkpoint.
+    tensor = weights()["tok_emb.weight"]
+    one = checkpoint.checksum({"model": {"tok_emb.weight": tensor}})
+    assert checkpoint.checksum({"model": {"head.weight": tensor}}) != one
+    assert checkpoint.checksum({"model": {"tok_emb.weight": tensor.reshape(-1)}}) != one
+    assert checkpoint.checksum({"model": {"tok_emb.weight": tensor.view(torch.int32)}}) != one
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

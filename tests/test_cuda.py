@@ -10,6 +10,7 @@ import importlib.util
 import pytest
 import torch
 
+from attnlm import checkpoint
 from attnlm.attention import BACKENDS, naive, sdpa
 from attnlm.attention.masks import relative_buckets
 from attnlm.config import ModelConfig
@@ -122,11 +123,19 @@ def test_cached_generation_equals_uncached(backend):
     assert torch.equal(run(True), run(False))
 
 
-def test_exact_resume_with_the_float16_grad_scaler(tmp_path):
+def test_exact_resume_with_the_float16_grad_scaler(tmp_path, monkeypatch):
+    # The scale grows every 2 steps here (every 2,000 by default): at the cut it is far from its
+    # initial value, so a resume that did not restore it would scale the loss otherwise.
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scaler(*a, growth_interval=2, **k))
     source = text_file(tmp_path)
     common = ["train.device=cuda", "train.dtype=float16", "train.lr_decay_iters=20",
               "model.dropout=0.1"]
     train(tiny_config(source, *common), tmp_path / "full", quiet=True)
     train(tiny_config(source, *common, "train.max_iters=10"), tmp_path / "cut", quiet=True)
+    fresh = scaler("cuda", growth_interval=2).state_dict()
+    assert checkpoint.load(tmp_path / "cut" / "checkpoint.pt")["scaler"] != fresh
     train(tiny_config(source, *common), tmp_path / "cut", resume=True, quiet=True)
     assert curve(tmp_path / "cut") == curve(tmp_path / "full")
+    saved = [checkpoint.load(tmp_path / run / "checkpoint.pt")["scaler"] for run in ("cut", "full")]
+    assert saved[0] == saved[1]
