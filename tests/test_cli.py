@@ -205,8 +205,10 @@ def test_a_prompt_longer_than_the_window_warns_and_keeps_its_end(trained):
 
 @pytest.mark.parametrize("rank, says", [("0", True), ("1", False)])
 def test_only_train_runs_under_torchrun(trained, monkeypatch, rank, says):
+    """One machine's two processes: its first says it."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
     result = run("eval", trained[0])
     assert result.exit_code == 2
     assert ("attnlm eval runs in one process" in result.output) == says
