@@ -15,7 +15,7 @@ from attnlm.token_cache import cache_dir
 PEAK_SIZE = 4096  # square matrices: large enough for the device's best kernel, small enough to be quick
 PEAK_FILE = "matmul_peak.json"
 # Part of each cached peak's key: peaks measured before the product wrote into a ready output
-# counted its page faults, read low, and must not be reused.
+# counted its page faults, read low, and must not be reused; so did a GPU's timed from one product.
 PEAK_METHOD = "mm-into-ready-output-100-on-gpu"
 DISTURBED = 0.15  # how far two measurements of the same work may differ before a run is doubted
 
@@ -54,8 +54,8 @@ def measure_peak(device, dtype, size=PEAK_SIZE, repeats=3):
     """FLOP/s of the fastest of `repeats` timings of size x size x size products (after one to
     warm up), into one output made beforehand: the matrix units' figure, whatever the allocator
     does. A GPU makes such a product in under a millisecond, short beside the clock's and the
-    synchronisation's overhead, and its clocks rise only under load: each of its timings is of
-    100 products, the first of them its warm-up."""
+    synchronisation's overhead, and its clocks rise only under load: on a GPU each timing is of
+    100 products (the first timing, untimed, warms it up)."""
     numbers = torch.Generator(device).manual_seed(0)  # not the global one: training's seeds stay
     a, b, out = (torch.randn(size, size, device=device, generator=numbers).to(dtype) for _ in range(3))
     calls = 100 if device.type == "cuda" else 1
