@@ -12,7 +12,7 @@ import pickle
 import torch
 
 from attnlm.errors import AttnlmError
-from attnlm.files import atomic_open
+from attnlm.files import atomic_open, write_errors
 
 FORMAT_VERSION = 2
 READABLE = (1, 2)
@@ -57,17 +57,14 @@ def save(payload, path):
                           f"{path}, which is kept")
     payload = {"format": FORMAT_VERSION, **payload}
     payload["sha256"] = checksum(payload)
-    try:
-        with atomic_open(path, "wb") as f:
-            torch.save(payload, f)
-    except (OSError, RuntimeError) as err:
-        if getattr(err, "errno", None) == errno.ENOSPC or any(s in str(err) for s in NO_SPACE):
-            raise AttnlmError(f"no space left on the device to write {path}; the last "
-                              "checkpoint is kept") from None
-        if isinstance(err, OSError):
-            raise AttnlmError(f"cannot write {path}: {err.strerror}; the last checkpoint is "
-                              "kept") from None
-        raise
+    with write_errors(path, "; the last checkpoint is kept"):
+        try:
+            with atomic_open(path, "wb") as f:
+                torch.save(payload, f)
+        except RuntimeError as err:  # torch's writer reports a full disk so
+            if any(s in str(err) for s in NO_SPACE):
+                raise OSError(errno.ENOSPC, "") from None
+            raise
 
 
 def load(path):

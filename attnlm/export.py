@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from attnlm import config as config_mod, run as run_mod
-from attnlm.errors import AttnlmError, InputError
-from attnlm.files import atomic_write, temp_path
+from attnlm.errors import InputError
+from attnlm.files import atomic_write, temp_path, write_errors
 from attnlm.hf_tokenizer import LIMITS, HFTokenizer, require, to_hf, tokenizer_config
 from attnlm.model import RMS_EPS, kv_heads, layer_windows, mlp_width
 
@@ -250,14 +250,13 @@ def export_run(run, out):
     except OSError as err:
         raise InputError(f"cannot create {out}: {err.strerror}") from None
     try:
-        atomic_write(staging / WEIGHTS, safetensors_torch.save(tensors, metadata={"format": "pt"}))
-        atomic_write(staging / CONFIG, config.to_json_string())
-        atomic_write(staging / "tokenizer.json", to_hf(tokenizer))
-        atomic_write(staging / "tokenizer_config.json",
-                     tokenizer_config(tokenizer, cfg.model.block_size))
-        staging.replace(out)  # over an empty folder too
-    except OSError as err:
-        raise AttnlmError(f"cannot write {out}: {err.strerror}") from None
+        with write_errors(out):
+            atomic_write(staging / WEIGHTS, safetensors_torch.save(tensors, metadata={"format": "pt"}))
+            atomic_write(staging / CONFIG, config.to_json_string())
+            atomic_write(staging / "tokenizer.json", to_hf(tokenizer))
+            atomic_write(staging / "tokenizer_config.json",
+                         tokenizer_config(tokenizer, cfg.model.block_size))
+            staging.replace(out)  # over an empty folder too
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if tokenizer.kind in LIMITS:

@@ -9,10 +9,13 @@ other machines share, a token cache on a network file system, keeps their writer
 """
 
 import contextlib
+import errno
 import os
 import re
 import socket
 from pathlib import Path
+
+from attnlm.errors import AttnlmError
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)@(?P<host>.*)$")
 HOST = socket.gethostname()
@@ -50,6 +53,18 @@ def atomic_open(path, mode="wb", encoding=None):
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def write_errors(what, advice=""):
+    """An OSError while writing `what` as one line (exit 1) rather than a traceback: the disk
+    full, the folder gone or read-only; `advice` (from "; ") says what to do."""
+    try:
+        yield
+    except OSError as err:
+        reason = ("no space left on the device" if err.errno == errno.ENOSPC
+                  else err.strerror or str(err))
+        raise AttnlmError(f"cannot write {what}: {reason}{advice}") from None
 
 
 def atomic_write(path, data):

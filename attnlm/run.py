@@ -12,7 +12,6 @@ and loading a model from a run (or a checkpoint file) with its backend policy.
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import glob
 import json
@@ -24,7 +23,7 @@ import yaml
 
 from attnlm import checkpoint, config as config_mod, tokenizer as tokenizer_mod
 from attnlm.errors import AttnlmError, InputError
-from attnlm.files import atomic_write, remove_stale_temps
+from attnlm.files import atomic_write, remove_stale_temps, write_errors
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
@@ -119,20 +118,8 @@ def read_config(run):
     return config_mod.from_dict(doc)
 
 
-@contextlib.contextmanager
-def _writing(path):
-    """A failed write of a run's file as one line (exit 1), not a traceback: the disk full, the
-    folder gone or read-only. What was written before stays (every write is whole or none)."""
-    try:
-        yield
-    except OSError as err:
-        reason = ("no space left on the device" if err.errno == errno.ENOSPC
-                  else err.strerror or str(err))
-        raise AttnlmError(f"cannot write {path}: {reason}") from None
-
-
 def write_config(out, cfg):
-    with _writing(Path(out) / CONFIG):
+    with write_errors(Path(out) / CONFIG):
         atomic_write(Path(out) / CONFIG, yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
 
 
@@ -214,7 +201,7 @@ class MetricsLog:
         self.path = Path(out) / METRICS
 
     def start(self):
-        with _writing(self.path):
+        with write_errors(self.path):
             atomic_write(self.path, "")
 
     def resume(self, step):
@@ -223,11 +210,11 @@ class MetricsLog:
         records, torn = _parse_records(self.path) if self.path.exists() else ([], False)
         if torn:
             note(f"note: {self.path} ended in a half-written line; it was dropped")
-        with _writing(self.path):
+        with write_errors(self.path):
             atomic_write(self.path, "".join(_dumps(r) + "\n" for r in records if r["step"] <= step))
 
     def write(self, **record):
-        with _writing(self.path), open(self.path, "a", encoding="utf-8") as f:
+        with write_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(_dumps(record) + "\n")
 
 
@@ -250,7 +237,7 @@ def read_summary(run):
 
 
 def write_summary(out, summary):
-    with _writing(Path(out) / SUMMARY):
+    with write_errors(Path(out) / SUMMARY):
         atomic_write(Path(out) / SUMMARY, _dumps(summary, indent=2) + "\n")
 
 

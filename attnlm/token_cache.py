@@ -12,7 +12,6 @@ A cache folder that cannot be written (read-only, full) still serves the whole e
 a new entry there is an error, exit 1, that names the folder and data.cache_dir.
 """
 
-import errno
 import hashlib
 import json
 import os
@@ -23,8 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnlm.errors import AttnlmError
-from attnlm.files import atomic_open, atomic_write, remove_stale_temps
+from attnlm.files import atomic_open, atomic_write, remove_stale_temps, write_errors
 from attnlm.sources import CHUNK, iter_text
 from attnlm.tokenizer import independent_chunks
 
@@ -122,26 +120,21 @@ def _encode(corpus, tokenizer, ranges, directory, key, progress):
                unit_scale=True, desc="encoding", leave=False,
                disable=not (progress and sys.stderr.isatty()))
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, (start, end) in ranges.items():
-            digest, count = hashlib.sha256(), 0
-            with atomic_open(_bin(directory, key, name)) as f:
-                for text in independent_chunks(iter_text(corpus, start, end)):
-                    ids = np.asarray(tokenizer.encode(text), dtype=dtype).tobytes()
-                    f.write(ids)
-                    digest.update(ids)
-                    count += len(ids) // DTYPES[dtype].itemsize
-                    bar.update(len(text.encode("utf-8")))
-            meta["splits"][name] = {"tokens": count, "bytes": end - start,
-                                    "sha256": digest.hexdigest()}
-        atomic_write(directory / f"{key}.json", json.dumps(meta))
-    except OSError as err:
-        where = f"the token cache in {directory}"
-        if err.errno == errno.ENOSPC:
-            raise AttnlmError(f"no space left on the device for {where}; free some, or set "
-                              "data.cache_dir (or $ATTNLM_CACHE) to another device") from None
-        raise AttnlmError(f"cannot write {where}: {err.strerror or err}; set data.cache_dir (or "
-                          "$ATTNLM_CACHE) to a writable folder") from None
+        with write_errors(f"the token cache in {directory}", "; free some space, or set "
+                          "data.cache_dir (or $ATTNLM_CACHE) to a folder that can hold it"):
+            directory.mkdir(parents=True, exist_ok=True)
+            for name, (start, end) in ranges.items():
+                digest, count = hashlib.sha256(), 0
+                with atomic_open(_bin(directory, key, name)) as f:
+                    for text in independent_chunks(iter_text(corpus, start, end)):
+                        ids = np.asarray(tokenizer.encode(text), dtype=dtype).tobytes()
+                        f.write(ids)
+                        digest.update(ids)
+                        count += len(ids) // DTYPES[dtype].itemsize
+                        bar.update(len(text.encode("utf-8")))
+                meta["splits"][name] = {"tokens": count, "bytes": end - start,
+                                        "sha256": digest.hexdigest()}
+            atomic_write(directory / f"{key}.json", json.dumps(meta))
     finally:
         bar.close()
     return meta
